@@ -1,0 +1,12 @@
+"""dit_mm: DiT (Dynamic Token Routing) backbones for MMDetection and MMSegmentation.
+
+Importing the package registers ``DiT`` in mmengine's root ``MODELS`` registry
+(found from the mmdet and mmseg scopes) and ``BudgetLossHook`` in its root
+``HOOKS`` registry. Use it from a config with
+``custom_imports = dict(imports=['dit_mm'], allow_failed_imports=False)``.
+"""
+from .backbone import DiT, check_budget
+from .grid import ARCH_SETTINGS, GridSpec, resolve_arch
+
+__all__ = ['DiT', 'GridSpec', 'ARCH_SETTINGS', 'resolve_arch', 'check_budget']
+__version__ = '0.1.0'

@@ -1,0 +1,450 @@
+"""The DiT backbone: PVTv2 as a routing grid with learned token routing."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+from timm.layers import trunc_normal_
+from timm.models.pvt_v2 import OverlapPatchEmbed
+
+from .blocks import RoutedStage
+from .cost_model import GridCost, grid_cost
+from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta
+from .grid import (GATE_TYPES, NUM_SCALES, ROUTING_MODES, GridSpec, Node, feature_sizes,
+                   node_key, resolve_arch)
+
+KeepRatio = Union[None, float, Sequence[float]]
+
+
+@dataclass
+class RoutingRecord:
+    """What the last forward routed, per image (used by ``flops()`` and the
+    visualisation tools).
+
+    Attributes:
+        size: Input ``(H, W)``.
+        batch: Batch size.
+        embeds: Column edge ``(i, j)`` -> ``(expected, real)`` open fraction
+            per image; the diagonal edges are always open.
+        rows: Node ``(i, j)`` -> ``(expected, real)`` kept-token fraction per
+            image; ``expected`` is differentiable for learned gates.
+        masks: Node ``(i, j)`` -> boolean ``(B, h, w)`` kept-token map.
+        col_gates: Column edges whose gate was evaluated.
+        row_gates: Nodes whose row gate was evaluated.
+    """
+
+    size: Tuple[int, int]
+    batch: int
+    device: torch.device
+    embeds: Dict[Node, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    rows: Dict[Node, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    masks: Dict[Node, torch.Tensor] = field(default_factory=dict)
+    col_gates: List[Node] = field(default_factory=list)
+    row_gates: List[Node] = field(default_factory=list)
+
+
+@MODELS.register_module()
+class DiT(BaseModule):
+    """DiT: PVTv2 with dynamic token routing over a grid of scales x stages.
+
+    Paper: "DiT: Efficient Vision Transformers with Dynamic Token Routing"
+    (Ma et al.). The grid is described in :mod:`dit_mm.grid` and
+    ``docs/design.md``. Outputs are NCHW maps at strides 4, 8, 16 and 32.
+
+    Args:
+        arch: ``'b0'`` ... ``'b5'`` (PVTv2-B0..B5 widths, depths, heads, SR
+            and MLP ratios) or a dict, see :func:`dit_mm.grid.resolve_arch`.
+        routing: ``'dynamic'`` (learned gates), ``'static'`` (PVTv2's own
+            path, every token: exactly PVTv2) or ``'full'`` (every node and
+            edge, every token). Table 6 of the paper.
+        gate: Row-gate type (Table 7): ``'learned'`` (linear + Gumbel),
+            ``'random'`` (keeps each token with ``random_keep_prob``) or
+            ``'attention'`` (keeps tokens that the map's mean query attends to
+            more than average). Column gates are always learned.
+        scale_routing: Use the off-diagonal grid (extra scales and column
+            edges). Off means PVTv2's topology. Table 8.
+        depth_routing: Gate tokens on the row edges. Off means every token of
+            an active node is computed. Table 8.
+        keep_ratio: ``None``, a float in (0, 1], or one float per image. When
+            set, every gated node keeps the top fraction of its tokens by gate
+            score (in ``'dynamic'`` and ``'full'`` routing). Settable on a
+            built model: ``model.backbone.keep_ratio = 0.5``.
+        in_channels: Input channels.
+        out_indices: Scales to output (0..3 = strides 4..32).
+        drop_path_rate: Stochastic-depth rate, linear over PVTv2's blocks;
+            off-diagonal nodes reuse the rates of their scale.
+        gate_init: Initial keep logits: ``diagonal`` (PVTv2's nodes),
+            ``off_diagonal`` (extra nodes) and ``column`` (column edges).
+        gate_momentum: EMA momentum of the gate weights (paper eq. 3).
+        gate_tau: Gumbel-softmax temperature (annealed by ``BudgetLossHook``).
+        random_keep_prob: Keep probability of ``gate='random'``.
+        embed_norm_eps: eps of the LayerNorms in the patch embeddings and the
+            attention's spatial reduction: 1e-5 in the official PVTv2 and
+            timm; mmdet's ``PyramidVisionTransformerV2`` uses 1e-6.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads PVTv2
+            weights (official release, mmdet or timm layout; see
+            :mod:`dit_mm.weights`), otherwise PVTv2's random init.
+    """
+
+    min_size = 32
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'b2',
+                 routing: str = 'dynamic',
+                 gate: str = 'learned',
+                 scale_routing: bool = True,
+                 depth_routing: bool = True,
+                 keep_ratio: KeepRatio = None,
+                 in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 drop_path_rate: float = 0.1,
+                 gate_init: Optional[dict] = None,
+                 gate_momentum: float = 0.999,
+                 gate_tau: float = 1.0,
+                 random_keep_prob: float = 0.5,
+                 embed_norm_eps: float = 1e-5,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.spec: GridSpec = resolve_arch(arch)
+        self.arch_name = arch if isinstance(arch, str) else 'custom'
+        if gate not in GATE_TYPES:
+            raise ValueError(f'gate={gate!r} is not one of {GATE_TYPES}')
+        bad = [i for i in out_indices if i not in range(NUM_SCALES)]
+        if bad or not out_indices:
+            raise ValueError(f'out_indices={tuple(out_indices)} must be a non-empty subset of '
+                             f'{tuple(range(NUM_SCALES))} (strides 4, 8, 16, 32)')
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
+        if not 0.0 < random_keep_prob < 1.0:
+            raise ValueError(f'random_keep_prob must be in (0, 1), got {random_keep_prob}')
+        self.routing = routing
+        self.gate_type = gate
+        self.scale_routing = bool(scale_routing)
+        self.depth_routing = bool(depth_routing)
+        self.keep_ratio = keep_ratio
+        self.in_channels = in_channels
+        self.out_indices = tuple(out_indices)
+        self.gate_tau = gate_tau
+        self.random_keep_prob = random_keep_prob
+        self.generator: Optional[torch.Generator] = None  # Gumbel noise source
+        inits = dict(diagonal=2.0, off_diagonal=0.0, column=0.0)
+        inits.update(gate_init or {})
+
+        spec = self.spec
+        dims = spec.embed_dims
+        rates = torch.linspace(0, drop_path_rate, sum(spec.depths)).tolist()
+        offsets = [sum(spec.depths[:i]) for i in range(NUM_SCALES)]
+        self.stem = OverlapPatchEmbed(patch_size=7, stride=4, in_chans=in_channels,
+                                      embed_dim=dims[0])
+        self.embeds = nn.ModuleDict()
+        self.stages = nn.ModuleDict()
+        self.row_gates = nn.ModuleDict()
+        self.col_gates = nn.ModuleDict()
+        for (i, j) in spec.nodes:
+            key = node_key(i, j)
+            depth = spec.depth(i, j)
+            dp = [rates[offsets[i] + min(k, spec.depths[i] - 1)] for k in range(depth)]
+            self.stages[key] = RoutedStage(dims[i], depth, spec.num_heads[i], spec.sr_ratios[i],
+                                           spec.mlp_ratios[i], drop_path=dp)
+            self.row_gates[key] = RowGate(
+                dims[i], inits['diagonal' if i == j else 'off_diagonal'], gate_momentum)
+            if i > 0:
+                self.embeds[key] = OverlapPatchEmbed(patch_size=3, stride=2,
+                                                     in_chans=dims[i - 1], embed_dim=dims[i])
+            if 0 < i < j:
+                self.col_gates[key] = ColumnGate(dims[i - 1], inits['column'], gate_momentum)
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.LayerNorm) and (name.startswith(('stem', 'embeds'))
+                                                  or name.endswith('attn.norm')):
+                mod.eps = embed_norm_eps
+        self.last_record: Optional[RoutingRecord] = None
+
+    # ------------------------------------------------------------ properties
+    @property
+    def routing(self) -> str:
+        return self._routing
+
+    @routing.setter
+    def routing(self, value: str) -> None:
+        if value not in ROUTING_MODES:
+            raise ValueError(f'routing={value!r} is not one of {ROUTING_MODES} '
+                             "('dynamic': learned gates, 'static': PVTv2's path, "
+                             "'full': every node and token)")
+        self._routing = value
+
+    @property
+    def keep_ratio(self) -> KeepRatio:
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: KeepRatio) -> None:
+        if value is not None:
+            values = [value] if isinstance(value, (int, float)) else list(value)
+            if not values or not all(isinstance(v, (int, float)) and 0.0 < v <= 1.0
+                                     for v in values):
+                raise ValueError(f'keep_ratio must be None, a float in (0, 1] or one such '
+                                 f'float per image; got {value!r}')
+            value = float(value) if isinstance(value, (int, float)) else tuple(map(float, values))
+        self._keep_ratio = value
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        """PVTv2's init, or PVTv2 weights from ``init_cfg`` (type 'Pretrained')."""
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            from .weights import load_pvt_pretrained
+            load_pvt_pretrained(self, self.init_cfg['checkpoint'])
+            return
+        self.apply(_init_pvt_module)
+        for g in list(self.row_gates.values()) + list(self.col_gates.values()):
+            g.reset_parameters()
+
+    @torch.no_grad()
+    def update_gate_ema(self) -> None:
+        """One EMA step of every gate (paper eq. 3). Runs at the start of
+        every training forward (with gradients on), i.e. once per iteration,
+        on the weights left by the previous optimizer step."""
+        for g in list(self.row_gates.values()) + list(self.col_gates.values()):
+            g.update_ema()
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Args:
+            x: Images ``(B, C, H, W)`` with ``H, W >= 32``.
+
+        Returns:
+            NCHW feature maps at the scales in ``out_indices``.
+        """
+        self._check_input(x)
+        if self.training and torch.is_grad_enabled():
+            self.update_gate_ema()
+        B, _, H, W = x.shape
+        sizes = feature_sizes(H, W)
+        rec = RoutingRecord(size=(H, W), batch=B, device=x.device)
+        maps: List[Optional[torch.Tensor]] = [None] * NUM_SCALES
+        maps[0] = self.stem(x).reshape(B, -1, self.spec.embed_dims[0])
+        ones = x.new_ones(B, dtype=torch.float32)
+        rec.embeds[(0, 0)] = (ones, ones)
+        for j in range(NUM_SCALES):
+            for i in range(1, j + 1):
+                maps[i] = self._column_edge(i, j, maps, sizes, rec)
+            for i in range(j + 1):
+                maps[i] = self._row_edge(i, j, maps[i], sizes[i], rec)
+        self.last_record = rec
+        return tuple(maps[i].transpose(1, 2).reshape(B, -1, *sizes[i]).contiguous()
+                     for i in self.out_indices)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError('DiT expects a 4-D tensor (B, C, H, W), got '
+                             f'{getattr(x, "shape", type(x))}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'DiT was built with in_channels={self.in_channels} but the input '
+                             f'has {x.shape[1]} channels (shape {tuple(x.shape)})')
+        if min(x.shape[2:]) < self.min_size:
+            raise ValueError(f'DiT needs images of at least {self.min_size}x{self.min_size} '
+                             f'(one token at stride 32); got {tuple(x.shape[2:])}')
+
+    def _embed(self, key: str, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        B, _, C = x.shape
+        y = self.embeds[key](x.transpose(1, 2).reshape(B, C, *hw))
+        return y.reshape(B, -1, y.shape[-1])
+
+    def _column_edge(self, i: int, j: int, maps: List[Optional[torch.Tensor]],
+                     sizes: List[Tuple[int, int]], rec: RoutingRecord) -> Optional[torch.Tensor]:
+        """Adds the patch embedding of scale ``i - 1`` into scale ``i``."""
+        key = node_key(i, j)
+        src, dst = maps[i - 1], maps[i]
+        B = src.shape[0]
+        ones = src.new_ones(B, dtype=torch.float32)
+        if i == j:  # single input: always taken, so the map is never empty
+            rec.embeds[(i, j)] = (ones, ones)
+            return self._embed(key, src, sizes[i - 1])
+        if self.routing == 'static' or (self.routing == 'dynamic' and not self.scale_routing):
+            return dst
+        if self.routing == 'full':
+            rec.embeds[(i, j)] = (ones, ones)
+            return dst + self._embed(key, src, sizes[i - 1])
+        out = self.col_gates[key](src, self.gate_tau, self._noise_generator(src))
+        rec.col_gates.append((i, j))
+        rec.embeds[(i, j)] = (out.prob, out.mask.detach())
+        if self.training:
+            return dst + out.mask.to(dst.dtype).view(B, 1, 1) * self._embed(key, src,
+                                                                            sizes[i - 1])
+        sel = out.mask.nonzero().squeeze(1)
+        if sel.numel() == 0:
+            return dst
+        if sel.numel() == B:
+            return dst + self._embed(key, src, sizes[i - 1])
+        return dst.index_add(0, sel, self._embed(key, src.index_select(0, sel), sizes[i - 1]))
+
+    def _row_edge(self, i: int, j: int, x: torch.Tensor, hw: Tuple[int, int],
+                  rec: RoutingRecord) -> torch.Tensor:
+        """Runs the blocks of node ``(i, j)`` on the tokens its gate keeps."""
+        stage = self.stages[node_key(i, j)]
+        B, N, _ = x.shape
+        diagonal = i == j
+        if not diagonal and (self.routing == 'static' or
+                             (self.routing == 'dynamic' and not self.scale_routing)):
+            return x
+        gated = self.routing != 'static' and (
+            self.keep_ratio is not None or (self.routing == 'dynamic' and self.depth_routing))
+        if not gated:
+            ones = x.new_ones(B, dtype=torch.float32)
+            rec.rows[(i, j)] = (ones, ones)
+            return stage.forward_dense(x, hw)
+        out = self._row_gate(i, j, x)
+        keep = out.mask
+        if self.keep_ratio is not None:
+            keep = self._top_k(out, N)
+        rec.row_gates.append((i, j))
+        real = keep.detach().float()
+        rec.rows[(i, j)] = (out.prob.mean(dim=1), real.mean(dim=1))
+        rec.masks[(i, j)] = real.bool().view(B, *hw)
+        if self.training:
+            return stage.forward_masked(x, hw, keep)
+        return stage.forward_sparse(x, hw, keep > 0.5)
+
+    def _row_gate(self, i: int, j: int, x: torch.Tensor) -> GateOutput:
+        if self.gate_type == 'learned':
+            return self.row_gates[node_key(i, j)](x, self.gate_tau, self._noise_generator(x))
+        if self.gate_type == 'attention':
+            delta = attention_delta(x.detach())
+        else:
+            gen = self._noise_generator(x) if self.training else _fixed_generator(x, i, j)
+            delta = random_delta(x.shape[:2], x.device, self.random_keep_prob, gen)
+        hard = (delta > 0).float()
+        prob = torch.full_like(delta, self.random_keep_prob) if self.gate_type == 'random' \
+            else torch.sigmoid(delta)
+        return GateOutput(hard, prob, delta)
+
+    def _top_k(self, out: GateOutput, n: int) -> torch.Tensor:
+        """Keeps the ``ceil(r * n)`` best-scored tokens of each image; carries
+        the straight-through gradient of ``out.mask`` in training."""
+        B = out.score.shape[0]
+        ratios = self.keep_ratio
+        if isinstance(ratios, float):
+            ratios = [ratios] * B
+        if len(ratios) != B:
+            raise ValueError(f'keep_ratio has {len(ratios)} per-image values for a batch of {B}')
+        k = torch.tensor([min(n, max(1, math.ceil(r * n))) for r in ratios],
+                         device=out.score.device)
+        order = out.score.argsort(dim=1, descending=True)
+        ranked = torch.arange(n, device=k.device).unsqueeze(0) < k.unsqueeze(1)
+        hard = torch.zeros_like(out.score).scatter_(1, order, ranked.float())
+        return hard + (out.mask - out.mask.detach())
+
+    def _noise_generator(self, ref: torch.Tensor) -> Optional[torch.Generator]:
+        gen = self.generator
+        if gen is not None and gen.device != ref.device:
+            raise RuntimeError(f'DiT.generator is on {gen.device}, inputs on {ref.device}')
+        return gen
+
+    # ------------------------------------------------------------------ cost
+    def grid_cost(self, size: Optional[Tuple[int, int]] = None) -> GridCost:
+        """Analytic costs at ``size`` (default: the last forward's input)."""
+        if size is None:
+            if self.last_record is None:
+                raise RuntimeError('grid_cost() without size needs a forward first')
+            size = self.last_record.size
+        return grid_cost(self.spec, int(size[0]), int(size[1]))
+
+    def flops(self, per_image: bool = False) -> Dict[str, Union[float, torch.Tensor]]:
+        """GFLOPs per image of the last forward.
+
+        Returns:
+            dict with ``expected`` (from gate probabilities, a differentiable
+            0-d tensor), ``real`` (from the hard decisions), ``static`` (the
+            PVTv2 path, ``C_base``) and ``full`` (every node and token).
+            With ``per_image=True``, ``expected`` and ``real`` are ``(B,)``.
+        """
+        rec = self.last_record
+        if rec is None:
+            raise RuntimeError('flops() reports the last forward; run the model first')
+        cost = self.grid_cost(rec.size)
+        exp, real = self._spent(rec, cost)
+        out: Dict[str, Union[float, torch.Tensor]] = dict(
+            expected=exp / 1e9 if per_image else exp.mean() / 1e9,
+            real=real / 1e9 if per_image else float(real.mean()) / 1e9,
+            static=cost.static / 1e9, full=cost.full / 1e9)
+        return out
+
+    @staticmethod
+    def _spent(rec: RoutingRecord, cost: GridCost) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Expected and real FLOPs per image ``(B,)`` of a record."""
+        exp = torch.zeros(rec.batch, device=rec.device)
+        real = torch.zeros(rec.batch, device=rec.device)
+        gates = (sum(cost.nodes[n].row_gate for n in rec.row_gates)
+                 + sum(cost.col_gates[n] for n in rec.col_gates))
+        for node, (e, r) in rec.embeds.items():
+            exp = exp + e * cost.embeds[node]
+            real = real + r * cost.embeds[node]
+        for node, (e, r) in rec.rows.items():
+            nc = cost.nodes[node]
+            exp = exp + nc.map + e * nc.token * nc.tokens
+            real = real + (r > 0).float() * nc.map + r * nc.token * nc.tokens
+        return exp + gates, real.detach() + gates
+
+    def max_budget(self, size: Tuple[int, int] = (224, 224)) -> float:
+        """``C_full / C_base``: the largest meaningful budget ``mu``."""
+        cost = self.grid_cost(size)
+        return cost.full / cost.static
+
+    def budget_loss(self, mu: float) -> torch.Tensor:
+        """Budget term ``(C_expected / C_base - mu)^2`` of the last forward
+        (paper eq. 6), averaged over the images of the batch."""
+        rec = self.last_record
+        if rec is None:
+            raise RuntimeError('budget_loss() needs a forward first')
+        check_budget(mu, self.max_budget(rec.size))
+        cost = self.grid_cost(rec.size)
+        exp, _ = self._spent(rec, cost)
+        return ((exp / cost.static - mu) ** 2).mean()
+
+    def keep_ratios(self) -> Dict[str, float]:
+        """Mean real kept-token fraction per scale over gated nodes of the
+        last forward (for logging)."""
+        rec = self.last_record
+        out: Dict[str, float] = {}
+        if rec is None:
+            return out
+        for i in range(NUM_SCALES):
+            vals = [float(r.mean()) for (si, _), (_, r) in rec.rows.items() if si == i]
+            if vals:
+                out[f'keep_s{i}'] = sum(vals) / len(vals)
+        return out
+
+
+def check_budget(mu: float, max_mu: float) -> None:
+    """Raises a clear error for a budget outside ``(0, C_full / C_base]``."""
+    if not isinstance(mu, (int, float)) or not 0.0 < mu <= max_mu + 1e-9:
+        raise ValueError(f'budget mu={mu!r} must be in (0, {max_mu:.3f}]: it is a fraction of '
+                         "PVTv2's static cost C_base, and the full grid costs "
+                         f'{max_mu:.3f} x C_base')
+
+
+def _fixed_generator(ref: torch.Tensor, i: int, j: int) -> torch.Generator:
+    """Deterministic generator for 'random' gates in eval."""
+    gen = torch.Generator(device=ref.device)
+    gen.manual_seed(1000 * i + j)
+    return gen
+
+
+def _init_pvt_module(m: nn.Module) -> None:
+    """PVTv2's init: truncated normal linears, fan-out normal convs."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

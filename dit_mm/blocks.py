@@ -1,0 +1,174 @@
+"""Sparse-aware PVTv2 stages: the row edge ``B[i][j]`` of a grid node.
+
+A :class:`RoutedStage` holds timm's PVTv2 ``Block`` modules (so its weights
+have timm's / the official PVTv2 layout) and the stage-end ``LayerNorm``. It
+computes ``y = g * B(x) + (1 - g) * x`` per token (paper eq. 4), in one of
+three ways that give the same values for the same hard gate ``g``:
+
+* :meth:`RoutedStage.forward_dense`: every token (PVTv2 itself);
+* :meth:`RoutedStage.forward_masked`: training; dense compute, skipped tokens
+  are held at their input value and hidden to the depthwise conv, and the
+  straight-through gradient of ``g`` gets ``B(x) - x`` at every token;
+* :meth:`RoutedStage.forward_sparse`: inference; the kept tokens of all
+  images are packed into one ``(K, C)`` matrix, and only they go through the
+  token-wise layers (query, attention, projection, MLP linears, norms).
+
+Semantics of a skipped token inside the stage (shared by all three paths):
+it keeps its input value; keys/values come from the spatially reduced *full*
+map (skipped tokens included), and the MLP's 3x3 depthwise conv sees zeros at
+skipped positions, like its own zero padding at the border.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.pvt_v2 import Block
+
+
+class RoutedStage(nn.Module):
+    """PVTv2 blocks of one grid node, with dense, masked and packed forwards.
+
+    Args:
+        dim: Channels.
+        depth: Number of PVTv2 blocks.
+        num_heads: Attention heads.
+        sr_ratio: Spatial-reduction ratio of the attention keys/values.
+        mlp_ratio: Hidden ratio of the MLP.
+        drop_path: Stochastic-depth rate per block.
+        qkv_bias: Bias in the query/key/value projections.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, sr_ratio: int,
+                 mlp_ratio: float, drop_path: Sequence[float] = (),
+                 qkv_bias: bool = True) -> None:
+        super().__init__()
+        rates = list(drop_path) or [0.0] * depth
+        self.blocks = nn.ModuleList([
+            Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, sr_ratio=sr_ratio,
+                  qkv_bias=qkv_bias, drop_path=rates[k]) for k in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.dim = dim
+
+    # ------------------------------------------------------------------ dense
+    def forward_dense(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """All tokens through all blocks: ``(B, N, C) -> (B, N, C)``."""
+        for blk in self.blocks:
+            x = blk(x, hw)
+        return self.norm(x)
+
+    # ----------------------------------------------------------------- masked
+    def forward_masked(self, x: torch.Tensor, hw: Tuple[int, int],
+                       mask: torch.Tensor) -> torch.Tensor:
+        """Training path: dense compute with per-token gate ``mask (B, N)``.
+
+        ``mask`` holds hard 0/1 values and may carry a straight-through
+        gradient; the gradient it receives is ``B(x) - x`` per token.
+        """
+        hard = mask.detach().to(x.dtype).unsqueeze(-1)
+        x0 = x
+        h = x
+        for blk in self.blocks:
+            h = h + blk.drop_path1(blk.attn(blk.norm1(h), hw))
+            h = h + blk.drop_path2(_mlp_masked(blk.mlp, blk.norm2(h), hw, hard))
+            h = torch.lerp(x0, h, hard)  # skipped tokens stay at their input
+        h = self.norm(h)
+        return x0 + mask.unsqueeze(-1).to(h.dtype) * (h - x0)
+
+    # ----------------------------------------------------------------- sparse
+    def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],
+                       keep: torch.Tensor) -> torch.Tensor:
+        """Inference path: computes only the kept tokens.
+
+        Args:
+            x: Tokens ``(B, N, C)``.
+            hw: Map size ``(H, W)`` with ``H * W == N``.
+            keep: Boolean ``(B, N)``; images may keep different numbers of
+                tokens, including none or all.
+
+        Returns:
+            ``(B, N, C)``: kept tokens updated, skipped tokens unchanged.
+        """
+        B, N, C = x.shape
+        flat_keep = keep.reshape(-1)
+        idx = flat_keep.nonzero().squeeze(1)  # sorted: images are contiguous
+        if idx.numel() == 0:
+            return x
+        if idx.numel() == B * N:
+            return self.forward_dense(x, hw)
+        counts = keep.sum(dim=1).tolist()
+        base = x.reshape(B * N, C)
+        t = base.index_select(0, idx)
+        for blk in self.blocks:
+            full = base.index_copy(0, idx, t).view(B, N, C)
+            t = t + _attention_packed(blk.attn, blk.norm1, t, full, hw, counts)
+            t = t + _mlp_packed(blk.mlp, blk.norm2(t), hw, idx, B)
+        t = self.norm(t)
+        return base.index_copy(0, idx, t).view(B, N, C)
+
+
+def _mlp_masked(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
+                hard: torch.Tensor) -> torch.Tensor:
+    """timm's ``MlpWithDepthwiseConv`` with the hidden map zeroed where
+    ``hard == 0`` before the depthwise conv."""
+    h = mlp.fc1(x) * hard
+    B, N, Ch = h.shape
+    h = h.transpose(1, 2).reshape(B, Ch, hw[0], hw[1])
+    h = mlp.dwconv(mlp.relu(h)).flatten(2).transpose(1, 2)
+    return mlp.drop(mlp.fc2(mlp.drop(mlp.act(h))))
+
+
+def _attention_packed(attn: nn.Module, norm1: nn.Module, t: torch.Tensor,
+                      full: torch.Tensor, hw: Tuple[int, int],
+                      counts: List[int]) -> torch.Tensor:
+    """Spatial-reduction attention for packed queries ``t (K, C)``.
+
+    Keys/values come from the reduced full map ``full (B, N, C)``; queries of
+    image ``b`` are the ``counts[b]`` consecutive rows of ``t``.
+    """
+    B, N, C = full.shape
+    heads, hd = attn.num_heads, attn.head_dim
+    q = attn.q(norm1(t))
+    kv_in = norm1(full)
+    if attn.sr is not None:
+        kv_in = kv_in.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+        kv_in = attn.norm(attn.sr(kv_in).flatten(2).transpose(1, 2))
+    kv = attn.kv(kv_in).reshape(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)  # (B, heads, Nk, hd)
+    out = torch.empty_like(q)
+    start = 0
+    for b, n in enumerate(counts):
+        if n == 0:
+            continue
+        qb = q[start:start + n].view(1, n, heads, hd).transpose(1, 2)
+        ob = _sdpa(attn, qb, k[b:b + 1], v[b:b + 1])
+        out[start:start + n] = ob.transpose(1, 2).reshape(n, C)
+        start += n
+    return attn.proj(out)
+
+
+def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention with timm's choice of fused or explicit kernel (the explicit
+    one is what FLOP counters can read)."""
+    if attn.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v)
+    a = (q * attn.scale) @ k.transpose(-2, -1)
+    return a.softmax(dim=-1) @ v
+
+
+def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
+                idx: torch.Tensor, batch: int,
+                buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MLP with depthwise conv for packed tokens ``t (K, C)`` at flat
+    positions ``idx`` of a ``(batch, H, W)`` map; skipped positions are zero."""
+    h = mlp.fc1(t)
+    Ch = h.shape[1]
+    H, W = hw
+    buf = h.new_zeros(batch * H * W, Ch) if buffer is None else buffer.zero_()
+    buf.index_copy_(0, idx, h)
+    # channels-last view: the depthwise conv runs on NHWC without a copy
+    conv = mlp.dwconv(mlp.relu(buf.view(batch, H, W, Ch).permute(0, 3, 1, 2)))
+    h = conv.permute(0, 2, 3, 1).reshape(batch * H * W, Ch).index_select(0, idx)
+    return mlp.fc2(mlp.act(h))
