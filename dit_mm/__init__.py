@@ -6,7 +6,11 @@ Importing the package registers ``DiT`` in mmengine's root ``MODELS`` registry
 ``custom_imports = dict(imports=['dit_mm'], allow_failed_imports=False)``.
 """
 from .backbone import DiT, check_budget
+from .hooks import BudgetLossHook
+from .runtime import CPUAmpOptimWrapper, allow_mmengine_checkpoints
 from .grid import ARCH_SETTINGS, GridSpec, resolve_arch
 
-__all__ = ['DiT', 'GridSpec', 'ARCH_SETTINGS', 'resolve_arch', 'check_budget']
+__all__ = ['DiT', 'BudgetLossHook', 'GridSpec', 'ARCH_SETTINGS', 'resolve_arch', 'check_budget', 'CPUAmpOptimWrapper']
 __version__ = '0.1.0'
+
+allow_mmengine_checkpoints()

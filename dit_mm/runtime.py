@@ -1,0 +1,97 @@
+"""Runtime glue for mmengine on any machine: CPU distributed training, CPU
+mixed precision and resuming mmengine checkpoints on torch >= 2.6.
+
+Used by ``tools/train.py`` and ``tools/test.py``; importing :mod:`dit_mm`
+applies :func:`allow_mmengine_checkpoints` and registers
+``CPUAmpOptimWrapper``.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+from mmengine.optim import OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Lets ``torch.load(weights_only=True)`` (the default since torch 2.6)
+    read mmengine's own checkpoints.
+
+    mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; its
+    checkpoints hold a ``MessageHub`` state with ``HistoryBuffer`` objects and
+    numpy scalars/arrays, which the safe unpickler rejects ("Unsupported
+    global ... HistoryBuffer"). They are plain data containers, so they are
+    allow-listed here instead of switching the safe loader off.
+    """
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    from numpy._core import multiarray
+
+    safe = [HistoryBuffer, np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct]
+    safe += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool')]
+    torch.serialization.add_safe_globals(safe)
+
+
+@OPTIM_WRAPPERS.register_module()
+class CPUAmpOptimWrapper(OptimWrapper):
+    """Mixed precision on the CPU: ``torch.autocast('cpu', bfloat16)`` around
+    the forward (mmengine's ``AmpOptimWrapper`` needs CUDA). bf16 has fp32's
+    range, so no loss scaling is needed.
+
+    Args:
+        dtype: Autocast dtype, ``'bfloat16'`` (default) or ``'float16'``.
+    """
+
+    def __init__(self, *args, dtype: str = 'bfloat16', **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cast_dtype = getattr(torch, dtype)
+
+    @contextmanager
+    def optim_context(self, model: torch.nn.Module) -> Iterator[None]:
+        with super().optim_context(model), torch.autocast('cpu', dtype=self.cast_dtype):
+            yield
+
+
+def enable_amp(cfg: Config) -> None:
+    """Switches ``cfg.optim_wrapper`` to mixed precision: mmengine's
+    ``AmpOptimWrapper`` on CUDA, :class:`CPUAmpOptimWrapper` on the CPU."""
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper in ('AmpOptimWrapper', 'CPUAmpOptimWrapper'):
+        return
+    if wrapper != 'OptimWrapper':
+        raise ValueError(f'--amp: optim_wrapper type {wrapper!r} is not OptimWrapper; '
+                         'set the mixed-precision wrapper in the config yourself')
+    if torch.cuda.is_available():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    else:
+        cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('dtype', 'bfloat16')
+
+
+def setup_distributed(cfg: Config, launcher: str) -> None:
+    """Makes mmengine's ``pytorch`` launcher work without CUDA.
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP
+    wrapper passes ``device_ids=[LOCAL_RANK]``; both fail on CPU-only
+    machines. Without CUDA this initialises the gloo process group itself
+    (mmengine then skips its own ``init_dist``) and sets
+    ``model_wrapper_cfg.device_ids=None``.
+    """
+    cfg.launcher = launcher
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    if launcher != 'pytorch':
+        raise ValueError(f'--launcher {launcher} needs CUDA; on the CPU use pytorch (torchrun)')
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
+                                world_size=int(os.environ['WORLD_SIZE']))
+    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+    wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
