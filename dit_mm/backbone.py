@@ -14,9 +14,17 @@ from timm.models.pvt_v2 import OverlapPatchEmbed
 
 from .blocks import RoutedStage
 from .cost_model import GridCost, grid_cost
-from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta
-from .grid import (GATE_TYPES, NUM_SCALES, ROUTING_MODES, GridSpec, Node, feature_sizes,
-                   node_key, resolve_arch)
+from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta, straight_through
+from .grid import (
+    GATE_TYPES,
+    NUM_SCALES,
+    ROUTING_MODES,
+    GridSpec,
+    Node,
+    feature_sizes,
+    node_key,
+    resolve_arch,
+)
 
 KeepRatio = Union[None, float, Sequence[float]]
 
@@ -33,6 +41,8 @@ class RoutingRecord:
             per image; the diagonal edges are always open.
         rows: Node ``(i, j)`` -> ``(expected, real)`` kept-token fraction per
             image; ``expected`` is differentiable for learned gates.
+        active: Gated node ``(i, j)`` -> probability per image that at least
+            one token is kept, i.e. that the node's map-wise part runs.
         masks: Node ``(i, j)`` -> boolean ``(B, h, w)`` kept-token map.
         col_gates: Column edges whose gate was evaluated.
         row_gates: Nodes whose row gate was evaluated.
@@ -43,6 +53,7 @@ class RoutingRecord:
     device: torch.device
     embeds: Dict[Node, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     rows: Dict[Node, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    active: Dict[Node, torch.Tensor] = field(default_factory=dict)
     masks: Dict[Node, torch.Tensor] = field(default_factory=dict)
     col_gates: List[Node] = field(default_factory=list)
     row_gates: List[Node] = field(default_factory=list)
@@ -304,6 +315,8 @@ class DiT(BaseModule):
         rec.row_gates.append((i, j))
         real = keep.detach().float()
         rec.rows[(i, j)] = (out.prob.mean(dim=1), real.mean(dim=1))
+        skip_all = torch.log1p(-out.prob.clamp(max=1 - 1e-6)).sum(dim=1)
+        rec.active[(i, j)] = -torch.expm1(skip_all)
         rec.masks[(i, j)] = real.bool().view(B, *hw)
         if self.training:
             return stage.forward_masked(x, hw, keep)
@@ -336,7 +349,7 @@ class DiT(BaseModule):
         order = out.score.argsort(dim=1, descending=True)
         ranked = torch.arange(n, device=k.device).unsqueeze(0) < k.unsqueeze(1)
         hard = torch.zeros_like(out.score).scatter_(1, order, ranked.float())
-        return hard + (out.mask - out.mask.detach())
+        return straight_through(hard, out.mask)
 
     def _noise_generator(self, ref: torch.Tensor) -> Optional[torch.Generator]:
         gen = self.generator
@@ -385,7 +398,8 @@ class DiT(BaseModule):
             real = real + r * cost.embeds[node]
         for node, (e, r) in rec.rows.items():
             nc = cost.nodes[node]
-            exp = exp + nc.map + e * nc.token * nc.tokens
+            active = rec.active.get(node, 1.0)
+            exp = exp + active * nc.map + e * nc.token * nc.tokens
             real = real + (r > 0).float() * nc.map + r * nc.token * nc.tokens
         return exp + gates, real.detach() + gates
 

@@ -47,12 +47,31 @@ def logistic_noise(shape: torch.Size, device: torch.device,
     return torch.log(u) - torch.log1p(-u)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``hard`` exactly; passes the gradient to ``surrogate``."""
+
+    @staticmethod
+    def forward(ctx, hard: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
+def straight_through(hard: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``hard`` in the forward (exact 0/1 values, unlike ``hard + s - s.detach()``),
+    the gradient of ``surrogate`` in the backward."""
+    if not surrogate.requires_grad:
+        return hard
+    return _StraightThrough.apply(hard, surrogate)
+
+
 def hard_gumbel(delta: torch.Tensor, tau: float,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Hard binary Gumbel-softmax sample with straight-through gradient."""
     soft = torch.sigmoid((delta + logistic_noise(delta.shape, delta.device, generator)) / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return straight_through((soft > 0.5).to(soft.dtype), soft)
 
 
 class _EMALinearGate(nn.Module):

@@ -118,11 +118,11 @@ def timm_to_dit(sd: Mapping[str, torch.Tensor], depths: Dict[Tuple[int, int], in
     Args:
         sd: timm-layout state dict.
         depths: Node ``(i, j)`` -> number of blocks in the DiT model. Block
-            ``k`` of an extra node takes PVTv2 block ``k mod depth_i``.
+            ``k`` of an extra node takes PVTv2 block ``k mod depth_i``, where
+            ``depth_i`` is the model's diagonal depth (so blocks absent from
+            the checkpoint stay missing and get reported).
     """
-    pvt_depth = [1 + max([int(m.group(1)) for k in sd
-                          for m in [re.match(rf'stages\.{i}\.blocks\.(\d+)\.', k)] if m] or [-1])
-                 for i in range(NUM_SCALES)]
+    pvt_depth = [depths[(i, i)] for i in range(NUM_SCALES)]
     out: Dict[str, torch.Tensor] = OrderedDict()
     for k, v in sd.items():
         if k.startswith('patch_embed.'):

@@ -1,0 +1,29 @@
+"""Shared fixtures: small DiT models on tiny inputs, deterministic seeds."""
+import pytest
+import torch
+
+import dit_mm  # noqa: F401  (registers DiT and the hook)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_dit(arch: str = 'b0', **kwargs) -> 'dit_mm.DiT':
+    """A randomly initialised DiT (PVTv2 init)."""
+    model = dit_mm.DiT(arch=arch, **kwargs)
+    model.init_weights()
+    return model
+
+
+def spread_gates(model, scale: float = 2.0) -> None:
+    """Random gate weights (and EMA copies) so that gates keep different
+    numbers of tokens per image instead of all or none."""
+    with torch.no_grad():
+        for g in list(model.row_gates.values()) + list(model.col_gates.values()):
+            g.proj.weight.normal_(0, scale / g.proj.weight.shape[1] ** 0.5)
+            g.proj.bias.zero_()
+            g.reset_ema()

@@ -1,0 +1,216 @@
+"""DiT backbone: shapes, equivalence to PVTv2, gates, determinism, errors."""
+import pytest
+import timm
+import torch
+from mmdet.models.backbones.pvt import PyramidVisionTransformerV2
+
+from conftest import make_dit, spread_gates
+from dit_mm import DiT
+from dit_mm.weights import convert_pvt_state_dict, load_converted
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize('size', [(32, 32), (64, 96), (97, 131)])
+@pytest.mark.parametrize('routing', ['dynamic', 'static', 'full'])
+def test_output_shapes(size, routing):
+    model = make_dit('b0', routing=routing).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, *size))
+    h, w = size
+    for k, (o, c) in enumerate(zip(outs, (32, 64, 160, 256))):
+        stride = 4 * 2 ** k
+        assert o.shape == (2, c, -(-h // stride), -(-w // stride))
+        assert o.is_contiguous() and torch.isfinite(o).all()
+
+
+def test_out_indices():
+    model = make_dit('b0', out_indices=(1, 3)).eval()
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [64, 256]
+
+
+@pytest.mark.parametrize('arch, layers', [('b0', (32, [2, 2, 2, 2])), ('b2', (64, [3, 4, 6, 3]))])
+def test_static_routing_reproduces_mmdet_pvtv2(arch, layers):
+    ref = PyramidVisionTransformerV2(embed_dims=layers[0], num_layers=layers[1])
+    ref.init_weights()
+    ref = _perturb(ref).eval()
+    # mmdet's PVTv2 uses eps=1e-6 in every LayerNorm (official/timm: 1e-5 in embeddings)
+    model = DiT(arch, routing='static', embed_norm_eps=1e-6).eval()
+    state, layout = convert_pvt_state_dict(ref.state_dict(), model)
+    assert layout == 'mmdet'
+    assert load_converted(model, state) == dict(missing=[], unexpected=[])
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        for a, b in zip(ref(x), model(x)):
+            assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize('arch', ['b0', 'b2'])
+def test_static_routing_reproduces_timm_pvt_v2(arch):
+    ref = _perturb(timm.create_model(f'pvt_v2_{arch}')).eval()
+    model = DiT(arch, routing='static').eval()
+    state, layout = convert_pvt_state_dict(ref.state_dict(), model)
+    assert layout == 'timm'
+    load_converted(model, state)
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        expected = ref.forward_intermediates(x, intermediates_only=True)
+        for a, b in zip(expected, model(x)):
+            assert (a - b).abs().max() < 1e-4
+
+
+def test_budget_gradient_reaches_every_gate_parameter():
+    model = make_dit('b0').train()
+    model(torch.randn(2, 3, 64, 96))
+    model.budget_loss(0.5).backward()
+    gates = [(n, p) for n, p in model.named_parameters() if '_gates.' in n]
+    assert len(gates) == 2 * (10 + 3)  # weight + bias of 10 row and 3 column gates
+    for name, p in gates:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_task_gradient_reaches_gates_through_straight_through():
+    model = make_dit('b0').train()
+    sum(o.square().mean() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    grads = [p.grad for n, p in model.named_parameters() if 'row_gates' in n]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_eval_is_deterministic_and_uses_ema_weights():
+    model = make_dit('b0')
+    spread_gates(model)
+    x = torch.randn(2, 3, 64, 96)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    masks = {k: v.clone() for k, v in model.last_record.masks.items()}
+    with torch.no_grad():  # moving the live weights must not change eval routing
+        for g in model.row_gates.values():
+            g.proj.weight.normal_()
+        model(x)
+    assert all(torch.equal(masks[k], v) for k, v in model.last_record.masks.items())
+
+
+def test_training_forward_updates_gate_ema():
+    model = make_dit('b0', gate_momentum=0.5).train()
+    gate = model.row_gates['s0_t0']
+    with torch.no_grad():
+        gate.proj.weight.add_(1.0)
+    before = gate.ema_weight.clone()
+    model(torch.randn(1, 3, 32, 32))
+    assert torch.allclose(gate.ema_weight, 0.5 * before + 0.5 * gate.proj.weight)
+
+
+def test_image_alone_equals_image_in_batch_dynamic():
+    model = make_dit('b0')
+    spread_gates(model)
+    model.eval()
+    x = torch.randn(4, 3, 96, 128)
+    with torch.no_grad():
+        batch = model(x)
+        counts = [m.sum(dim=(1, 2)) for m in model.last_record.masks.values()]
+        alone = model(x[1:2])
+    assert any(len(set(c.tolist())) > 1 for c in counts)  # unequal keep counts per image
+    for a, b in zip(batch, alone):
+        assert (a[1:2] - b).abs().max() < 1e-4
+
+
+def test_all_skipped_nodes_work():
+    model = make_dit('b0', gate_init=dict(diagonal=-20.0, off_diagonal=-20.0, column=-20.0))
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outs = model(x)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(not m.any() for m in model.last_record.masks.values())
+    flops = model.flops()
+    # only the mandatory patch embeddings and the gates are paid
+    assert flops['real'] < 0.2 * flops['static']
+
+
+def test_keep_ratio_per_image_and_as_attribute():
+    model = make_dit('b0', routing='full').eval()
+    model.keep_ratio = (1.0, 0.25)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    real = model.flops(per_image=True)['real']
+    assert real[0] > real[1]
+    node = model.last_record.masks[(0, 0)]
+    assert node[0].all() and node[1].float().mean() == pytest.approx(0.25, abs=0.02)
+
+
+@pytest.mark.parametrize('gate', ['random', 'attention'])
+def test_ablation_gates_run_and_are_deterministic_in_eval(gate):
+    model = make_dit('b0', gate=gate).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    keep = torch.cat([m.flatten() for m in model.last_record.masks.values()]).float().mean()
+    assert 0.05 < keep < 0.95
+
+
+def test_scale_and_depth_routing_switches():
+    x = torch.randn(1, 3, 64, 64)
+    depth_only = make_dit('b0', scale_routing=False).eval()
+    with torch.no_grad():
+        depth_only(x)
+    assert set(depth_only.last_record.masks) == {(0, 0), (1, 1), (2, 2), (3, 3)}
+    scale_only = make_dit('b0', depth_routing=False).eval()
+    with torch.no_grad():
+        scale_only(x)
+    assert not scale_only.last_record.masks and len(scale_only.last_record.rows) == 10
+    assert scale_only.last_record.col_gates == [(1, 2), (1, 3), (2, 3)]
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(arch='b7'), 'Unknown DiT arch'),
+    (dict(routing='sparse'), "routing='sparse' is not one of"),
+    (dict(gate='magic'), "gate='magic'"),
+    (dict(keep_ratio=0.0), 'keep_ratio'),
+    (dict(keep_ratio=1.5), 'keep_ratio'),
+    (dict(out_indices=(4,)), 'out_indices'),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiT(**dict(dict(arch='b0'), **kwargs))
+
+
+@pytest.mark.parametrize('shape, match', [
+    ((1, 3, 31, 64), 'at least 32x32'),
+    ((1, 1, 64, 64), 'in_channels=3'),
+    ((3, 64, 64), '4-D'),
+])
+def test_bad_inputs(shape, match):
+    model = make_dit('b0').eval()
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))
+
+
+def test_budget_validation():
+    model = make_dit('b0')
+    model(torch.randn(1, 3, 64, 64))
+    for mu in (0.0, -1.0, model.max_budget((64, 64)) + 0.1):
+        with pytest.raises(ValueError, match='budget mu'):
+            model.budget_loss(mu)
+    assert model.max_budget() > 1.0  # budgets above PVTv2's cost are legitimate
+    model.budget_loss(1.5)
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_builds_from_mm_registries(scope):
+    from mmengine.registry import init_default_scope
+    if scope == 'mmdet':
+        from mmdet.registry import MODELS
+    else:
+        from mmseg.registry import MODELS
+    init_default_scope(scope)
+    model = MODELS.build(dict(type='DiT', arch='b0'))
+    assert isinstance(model, DiT)
