@@ -97,6 +97,9 @@ class DiT(BaseModule):
         embed_norm_eps: eps of the LayerNorms in the patch embeddings and the
             attention's spatial reduction: 1e-5 in the official PVTv2 and
             timm; mmdet's ``PyramidVisionTransformerV2`` uses 1e-6.
+        pretrained: Deprecated spelling of ``init_cfg=dict(type='Pretrained',
+            checkpoint=pretrained)`` (mmseg's ``EncoderDecoder`` passes its
+            ``model.pretrained`` here).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads PVTv2
             weights (official release, mmdet or timm layout; see
             :mod:`dit_mm.weights`), otherwise PVTv2's random init.
@@ -119,7 +122,12 @@ class DiT(BaseModule):
                  gate_tau: float = 1.0,
                  random_keep_prob: float = 0.5,
                  embed_norm_eps: float = 1e-5,
+                 pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None) -> None:
+        if pretrained is not None:  # mmseg's EncoderDecoder passes model.pretrained here
+            if init_cfg is not None:
+                raise ValueError('DiT: give either init_cfg or pretrained, not both')
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
         self.spec: GridSpec = resolve_arch(arch)
         self.arch_name = arch if isinstance(arch, str) else 'custom'

@@ -27,3 +27,12 @@ def spread_gates(model, scale: float = 2.0) -> None:
             g.proj.weight.normal_(0, scale / g.proj.weight.shape[1] ** 0.5)
             g.proj.bias.zero_()
             g.reset_ema()
+
+
+@pytest.fixture(scope='session')
+def toy_root(tmp_path_factory):
+    """A small generated toy data set (COCO + ADE-style), shared by tests."""
+    from dit_mm.toy_data import generate_toy_dataset
+    root = tmp_path_factory.mktemp('toy')
+    generate_toy_dataset(root, num_train=6, num_val=3, image_size=(128, 160), seed=0)
+    return root
