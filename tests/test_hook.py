@@ -3,13 +3,13 @@ import copy
 
 import pytest
 import torch
+from mm_utils import det_toy_cfg, seg_toy_cfg, shrink
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 from dit_mm import BudgetLossHook, DiT
 from dit_mm.hooks import install_budget_loss
-from mm_utils import det_toy_cfg, seg_toy_cfg, shrink
 
 
 def _scalar(runner, key):
