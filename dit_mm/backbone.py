@@ -11,6 +11,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from timm.layers import trunc_normal_
 from timm.models.pvt_v2 import OverlapPatchEmbed
+from torch.profiler import record_function
 
 from .blocks import RoutedStage
 from .cost_model import GridCost, grid_cost
@@ -288,7 +289,8 @@ class DiT(BaseModule):
         if self.routing == 'full':
             rec.embeds[(i, j)] = (ones, ones)
             return dst + self._embed(key, src, sizes[i - 1])
-        out = self.col_gates[key](src, self.gate_tau, self._noise_generator(src))
+        with record_function('dit::gate'):
+            out = self.col_gates[key](src, self.gate_tau, self._noise_generator(src))
         rec.col_gates.append((i, j))
         rec.embeds[(i, j)] = (out.prob, out.mask.detach())
         if self.training:
@@ -316,10 +318,11 @@ class DiT(BaseModule):
             ones = x.new_ones(B, dtype=torch.float32)
             rec.rows[(i, j)] = (ones, ones)
             return stage.forward_dense(x, hw)
-        out = self._row_gate(i, j, x)
-        keep = out.mask
-        if self.keep_ratio is not None:
-            keep = self._top_k(out, N)
+        with record_function('dit::gate'):
+            out = self._row_gate(i, j, x)
+            keep = out.mask
+            if self.keep_ratio is not None:
+                keep = self._top_k(out, N)
         rec.row_gates.append((i, j))
         real = keep.detach().float()
         rec.rows[(i, j)] = (out.prob.mean(dim=1), real.mean(dim=1))

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
+from torch.profiler import record_function
 
 
 class RoutedStage(nn.Module):
@@ -92,21 +93,24 @@ class RoutedStage(nn.Module):
             ``(B, N, C)``: kept tokens updated, skipped tokens unchanged.
         """
         B, N, C = x.shape
-        flat_keep = keep.reshape(-1)
-        idx = flat_keep.nonzero().squeeze(1)  # sorted: images are contiguous
+        with record_function('dit::gather'):
+            idx = keep.reshape(-1).nonzero().squeeze(1)  # sorted: images are contiguous
         if idx.numel() == 0:
             return x
         if idx.numel() == B * N:
             return self.forward_dense(x, hw)
-        counts = keep.sum(dim=1).tolist()
-        base = x.reshape(B * N, C)
-        t = base.index_select(0, idx)
+        with record_function('dit::gather'):
+            counts = keep.sum(dim=1).tolist()
+            base = x.reshape(B * N, C)
+            t = base.index_select(0, idx)
         for blk in self.blocks:
-            full = base.index_copy(0, idx, t).view(B, N, C)
+            with record_function('dit::scatter'):
+                full = base.index_copy(0, idx, t).view(B, N, C)
             t = t + _attention_packed(blk.attn, blk.norm1, t, full, hw, counts)
             t = t + _mlp_packed(blk.mlp, blk.norm2(t), hw, idx, B)
         t = self.norm(t)
-        return base.index_copy(0, idx, t).view(B, N, C)
+        with record_function('dit::scatter'):
+            return base.index_copy(0, idx, t).view(B, N, C)
 
 
 def _mlp_masked(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
@@ -166,9 +170,11 @@ def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
     h = mlp.fc1(t)
     Ch = h.shape[1]
     H, W = hw
-    buf = h.new_zeros(batch * H * W, Ch) if buffer is None else buffer.zero_()
-    buf.index_copy_(0, idx, h)
+    with record_function('dit::scatter'):
+        buf = h.new_zeros(batch * H * W, Ch) if buffer is None else buffer.zero_()
+        buf.index_copy_(0, idx, h)
     # channels-last view: the depthwise conv runs on NHWC without a copy
     conv = mlp.dwconv(mlp.relu(buf.view(batch, H, W, Ch).permute(0, 3, 1, 2)))
-    h = conv.permute(0, 2, 3, 1).reshape(batch * H * W, Ch).index_select(0, idx)
+    with record_function('dit::gather'):
+        h = conv.permute(0, 2, 3, 1).reshape(batch * H * W, Ch).index_select(0, idx)
     return mlp.fc2(mlp.act(h))
