@@ -6,10 +6,14 @@ a hard Gumbel-softmax sample with a straight-through gradient in training.
 An exponential moving average (EMA) of the gate's weights is kept as buffers
 and used, without noise, in eval (paper eq. 3).
 
-With two classes, ``softmax`` + Gumbel reduces to a logistic: the gate keeps a
-token when ``delta + L > 0`` where ``delta = logit_keep - logit_skip`` and
-``L`` is standard logistic noise; its soft relaxation is
-``sigmoid((delta + L) / tau)``. All gate maths runs in float32, also under
+With two classes, ``softmax`` + Gumbel reduces to a logistic: with
+``delta = logit_keep - logit_skip`` and the temperature ``tau``, the gate keeps
+a token when ``delta / tau + L > 0`` (``L`` standard logistic noise), i.e. with
+probability ``p = sigmoid(delta / tau)``; its straight-through surrogate is
+``sigmoid(delta / tau + L)``. The temperature tempers the logits (not only the
+relaxation), so annealing it makes the sampled training decisions, and the
+expected cost built from ``p``, converge to the deterministic eval decisions
+``delta > 0`` and their real cost. All gate maths runs in float32, also under
 autocast, because the budget term and the straight-through gradient are
 sensitive to bf16 rounding.
 """
@@ -69,8 +73,11 @@ def straight_through(hard: torch.Tensor, surrogate: torch.Tensor) -> torch.Tenso
 
 def hard_gumbel(delta: torch.Tensor, tau: float,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Hard binary Gumbel-softmax sample with straight-through gradient."""
-    soft = torch.sigmoid((delta + logistic_noise(delta.shape, delta.device, generator)) / tau)
+    """Hard binary Gumbel-softmax sample of the tempered logits ``delta / tau``
+    with a straight-through gradient: keeps with probability
+    ``sigmoid(delta / tau)``, so a falling temperature makes the training
+    decisions converge to the deterministic eval rule ``delta > 0``."""
+    soft = torch.sigmoid(delta / tau + logistic_noise(delta.shape, delta.device, generator))
     return straight_through((soft > 0.5).to(soft.dtype), soft)
 
 
@@ -125,7 +132,7 @@ class _EMALinearGate(nn.Module):
 
     def decide(self, delta: torch.Tensor, tau: float,
                generator: Optional[torch.Generator]) -> GateOutput:
-        prob = torch.sigmoid(delta)
+        prob = torch.sigmoid(delta / tau)
         if self.training:
             mask = hard_gumbel(delta, tau, generator)
         else:

@@ -93,7 +93,7 @@ optim_wrapper = dict(
         'norm': dict(decay_mult=0.0)}))
 custom_hooks = [
     dict(type='BudgetLossHook', mu=mu, loss_weight=2.0, warmup_iters=50,
-         tau_start=1.0, tau_end=0.5, tau_anneal_iters=max_iters),
+         tau_start=1.0, tau_end=0.2, tau_anneal_iters=max_iters),
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),

@@ -66,7 +66,7 @@ optim_wrapper = dict(
         'col_gates': dict(decay_mult=0.0, lr_mult=5.0)}))
 custom_hooks = [
     dict(type='BudgetLossHook', mu=1.0, loss_weight=2.0, warmup_iters=20,
-         tau_start=1.0, tau_end=0.5, tau_anneal_iters=max_iters),
+         tau_start=1.0, tau_end=0.2, tau_anneal_iters=max_iters),
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),

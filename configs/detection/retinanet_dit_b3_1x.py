@@ -1,0 +1,10 @@
+# RetinaNet + DiT-B3, 1x (12 epochs, single scale), COCO.
+# Accuracy and GFLOPs: not in our copy of the paper.
+_base_ = './_base_/retinanet_dit_1x.py'
+
+# Official PVTv2-B3 ImageNet-1k weights (downloaded by mmengine).
+pretrained = 'https://github.com/whai362/PVT/releases/download/v2/pvt_v2_b3.pth'
+model = dict(backbone=dict(arch='b3', init_cfg=dict(checkpoint=pretrained)))
+# Budget: no GFLOPs for this model in our copy of the paper, so a default of
+# 95% of PVTv2's FLOPs.
+custom_hooks = [dict(_base_.custom_hooks[0], mu=0.95)]
