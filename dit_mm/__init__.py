@@ -8,10 +8,10 @@ Importing the package registers ``DiT`` in mmengine's root ``MODELS`` registry
 """
 from .backbone import DiT, check_budget
 from .grid import ARCH_SETTINGS, GridSpec, resolve_arch
-from .hooks import BudgetLossHook
+from .hooks import BudgetLossHook, IterSeedHook
 from .runtime import CPUAmpOptimWrapper, allow_mmengine_checkpoints
 
-__all__ = ['DiT', 'BudgetLossHook', 'CPUAmpOptimWrapper', 'GridSpec', 'ARCH_SETTINGS',
+__all__ = ['DiT', 'BudgetLossHook', 'IterSeedHook', 'CPUAmpOptimWrapper', 'GridSpec', 'ARCH_SETTINGS',
            'resolve_arch', 'check_budget']
 __version__ = '0.1.0'
 

@@ -218,19 +218,11 @@ def load_model(config: str | Config, checkpoint: str | None = None,
 
 
 def _load_weights(model: nn.Module, checkpoint: str) -> None:
-    """``mmengine.runner.load_checkpoint`` (non-strict) with torch's safe
-    (``weights_only``) unpickler.
-
-    Besides the globals :func:`dit_mm.runtime.allow_mmengine_checkpoints`
-    allows, an mmengine training checkpoint pickles the ``MessageHub``'s
-    ``HistoryBuffer.statistics_methods``: bound methods, stored as
-    ``builtins.getattr(buffer, 'min')``. ``getattr`` is allowed here, only
-    while loading; the safe unpickler still refuses to *call* anything that
-    is not allow-listed, so this does not open arbitrary code execution.
-    """
+    """``mmengine.runner.load_checkpoint`` (non-strict); mmengine training
+    checkpoints load through the loader that
+    :func:`dit_mm.runtime.allow_mmengine_checkpoints` registers."""
     from mmengine.runner import load_checkpoint
-    with torch.serialization.safe_globals([getattr]):
-        load_checkpoint(model, checkpoint, map_location='cpu')
+    load_checkpoint(model, checkpoint, map_location='cpu')
 
 
 def _dataloader_cfg(cfg: Config, split: str) -> dict:

@@ -157,3 +157,27 @@ def install_budget_loss(model: torch.nn.Module, hook: BudgetLossHook) -> None:
     model.loss = types.MethodType(loss_with_budget, model)
     model._dit_budget_wrapped = True
 
+
+
+@HOOKS.register_module()
+class IterSeedHook(Hook):
+    """Reseeds torch's global RNG from ``(seed, rank, iteration)`` before
+    every training iteration.
+
+    mmengine does not checkpoint random states, so without this a resumed run
+    draws different random numbers inside the model (e.g. mmdet's proposal
+    samplers, drop path) than the uninterrupted run. With it, iteration ``k``
+    sees the same random stream whether or not the run was resumed.
+    Data-pipeline randomness (numpy, in the data loader) is not covered.
+
+    Args:
+        seed: Base seed.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
+        torch.manual_seed(self.seed * 1_000_003 + get_rank() * 7_919 + runner.iter)

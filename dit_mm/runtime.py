@@ -89,23 +89,34 @@ def enable_amp(cfg: Config) -> None:
 
 
 def setup_distributed(cfg: Config, launcher: str) -> None:
-    """Makes mmengine's ``pytorch`` launcher work without CUDA.
+    """Prepares ``cfg`` for mmengine's launchers, on any machine.
 
-    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP
-    wrapper passes ``device_ids=[LOCAL_RANK]``; both fail on CPU-only
-    machines. Without CUDA this initialises the gloo process group itself
-    (mmengine then skips its own ``init_dist``) and sets
-    ``model_wrapper_cfg.device_ids=None``.
+    * Without CUDA (``pytorch`` launcher): mmengine's ``init_dist`` calls
+      ``torch.cuda.set_device`` and its DDP wrapper passes
+      ``device_ids=[LOCAL_RANK]``; both fail on CPU-only machines. This
+      initialises the gloo process group itself (mmengine then skips its own
+      ``init_dist``) and sets ``model_wrapper_cfg.device_ids=None``.
+    * DiT in ``routing='dynamic'`` trains every parameter in every iteration
+      (the masked training path runs all nodes, see docs/design.md), so DDP
+      needs no ``find_unused_parameters``. With ``routing='static'`` or
+      ``scale_routing=False`` the extra grid nodes get no gradient, and
+      ``find_unused_parameters=True`` is set.
     """
     cfg.launcher = launcher
-    if launcher == 'none' or torch.cuda.is_available():
+    if launcher == 'none':
+        return
+    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+    backbone = cfg.get('model', {}).get('backbone', {})
+    if backbone.get('type') == 'DiT' and (backbone.get('routing', 'dynamic') == 'static'
+                                          or not backbone.get('scale_routing', True)):
+        wrapper.setdefault('find_unused_parameters', True)
+    cfg.model_wrapper_cfg = wrapper
+    if torch.cuda.is_available():
         return
     if launcher != 'pytorch':
         raise ValueError(f'--launcher {launcher} needs CUDA; on the CPU use pytorch (torchrun)')
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
                                 world_size=int(os.environ['WORLD_SIZE']))
-    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
     wrapper['device_ids'] = None
-    cfg.model_wrapper_cfg = wrapper
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
