@@ -11,8 +11,8 @@ from .grid import ARCH_SETTINGS, GridSpec, resolve_arch
 from .hooks import BudgetLossHook, IterSeedHook
 from .runtime import CPUAmpOptimWrapper, allow_mmengine_checkpoints
 
-__all__ = ['DiT', 'BudgetLossHook', 'IterSeedHook', 'CPUAmpOptimWrapper', 'GridSpec', 'ARCH_SETTINGS',
-           'resolve_arch', 'check_budget']
+__all__ = ['DiT', 'BudgetLossHook', 'IterSeedHook', 'CPUAmpOptimWrapper', 'GridSpec',
+           'ARCH_SETTINGS', 'resolve_arch', 'check_budget']
 __version__ = '0.1.0'
 
 allow_mmengine_checkpoints()

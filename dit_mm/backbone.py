@@ -140,6 +140,8 @@ class DiT(BaseModule):
                              f'{tuple(range(NUM_SCALES))} (strides 4, 8, 16, 32)')
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
+        if not gate_tau > 0:
+            raise ValueError(f'gate_tau must be > 0, got {gate_tau}')
         if not 0.0 < random_keep_prob < 1.0:
             raise ValueError(f'random_keep_prob must be in (0, 1), got {random_keep_prob}')
         self.routing = routing
@@ -149,7 +151,9 @@ class DiT(BaseModule):
         self.keep_ratio = keep_ratio
         self.in_channels = in_channels
         self.out_indices = tuple(out_indices)
-        self.gate_tau = gate_tau
+        # the Gumbel temperature is model state (checkpointed): the expected
+        # cost reported at inference uses the temperature the model ended with
+        self.register_buffer('gate_temperature', torch.tensor(float(gate_tau)))
         self.random_keep_prob = random_keep_prob
         self.generator: Optional[torch.Generator] = None  # Gumbel noise source
         inits = dict(diagonal=2.0, off_diagonal=0.0, column=0.0)
@@ -185,6 +189,17 @@ class DiT(BaseModule):
         self.last_record: Optional[RoutingRecord] = None
 
     # ------------------------------------------------------------ properties
+    @property
+    def gate_tau(self) -> float:
+        """Gumbel-softmax temperature of the gates (a checkpointed buffer)."""
+        return float(self.gate_temperature)
+
+    @gate_tau.setter
+    def gate_tau(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f'gate_tau must be > 0, got {value}')
+        self.gate_temperature.fill_(float(value))
+
     @property
     def routing(self) -> str:
         return self._routing

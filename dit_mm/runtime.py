@@ -14,8 +14,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
+from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.optim import OptimWrapper
-from mmengine.registry import OPTIM_WRAPPERS
+from mmengine.registry import MODEL_WRAPPERS, OPTIM_WRAPPERS
 
 
 def allow_mmengine_checkpoints() -> None:
@@ -71,6 +72,20 @@ class CPUAmpOptimWrapper(OptimWrapper):
             yield
 
 
+@MODEL_WRAPPERS.register_module()
+class MMCPUDistributedDataParallel(MMDistributedDataParallel):
+    """mmengine's DDP wrapper for CPU modules: ``device_ids=None`` and
+    ``SyncBatchNorm`` (CUDA only, used by mmseg's heads) reverted to
+    ``BatchNorm``, as mmengine does for non-distributed runs. Batch-norm
+    statistics are then per process."""
+
+    def __init__(self, module: torch.nn.Module, detect_anomalous_params: bool = False,
+                 **kwargs) -> None:
+        kwargs['device_ids'] = None
+        super().__init__(module=revert_sync_batchnorm(module),
+                         detect_anomalous_params=detect_anomalous_params, **kwargs)
+
+
 def enable_amp(cfg: Config) -> None:
     """Switches ``cfg.optim_wrapper`` to mixed precision: mmengine's
     ``AmpOptimWrapper`` on CUDA, :class:`CPUAmpOptimWrapper` on the CPU."""
@@ -95,7 +110,8 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
       ``torch.cuda.set_device`` and its DDP wrapper passes
       ``device_ids=[LOCAL_RANK]``; both fail on CPU-only machines. This
       initialises the gloo process group itself (mmengine then skips its own
-      ``init_dist``) and sets ``model_wrapper_cfg.device_ids=None``.
+      ``init_dist``) and wraps the model with
+      :class:`MMCPUDistributedDataParallel` (``device_ids=None``).
     * DiT in ``routing='dynamic'`` trains every parameter in every iteration
       (the masked training path runs all nodes, see docs/design.md), so DDP
       needs no ``find_unused_parameters``. With ``routing='static'`` or
@@ -110,13 +126,16 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
     if backbone.get('type') == 'DiT' and (backbone.get('routing', 'dynamic') == 'static'
                                           or not backbone.get('scale_routing', True)):
         wrapper.setdefault('find_unused_parameters', True)
-    cfg.model_wrapper_cfg = wrapper
     if torch.cuda.is_available():
+        cfg.model_wrapper_cfg = wrapper
         return
     if launcher != 'pytorch':
         raise ValueError(f'--launcher {launcher} needs CUDA; on the CPU use pytorch (torchrun)')
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
                                 world_size=int(os.environ['WORLD_SIZE']))
+    if wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
+        wrapper['type'] = 'MMCPUDistributedDataParallel'
     wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper  # Config stores a copy: assign when complete
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'

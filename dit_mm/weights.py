@@ -168,8 +168,8 @@ def load_converted(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                    source: str = 'checkpoint', strict: bool = False) -> Dict[str, List[str]]:
     """Loads a converted state dict with a short, readable report.
 
-    Gate weights are never in a PVTv2 checkpoint; missing gates are expected
-    and not reported. Shape mismatches (e.g. a checkpoint of another arch)
+    Gate weights (and the gate temperature) are never in a PVTv2 checkpoint;
+    their absence is expected and not reported. Shape mismatches (e.g. a checkpoint of another arch)
     raise a ``ValueError`` that names the arch difference.
 
     Returns:
@@ -186,7 +186,8 @@ def load_converted(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             f'{getattr(getattr(model, "spec", None), "embed_dims", "?")}); e.g. {k}: '
             f'checkpoint {got} vs model {want}. Is the checkpoint of another arch?')
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if '_gates.' not in k]
+    missing = [k for k in result.missing_keys
+               if '_gates.' not in k and k != 'gate_temperature']
     unexpected = list(result.unexpected_keys)
     if strict and (missing or unexpected):
         raise ValueError(f'{source}: missing keys: {_short(missing)}; unexpected keys: '
