@@ -17,7 +17,7 @@ hit all variants alike. It measures, in one run:
 * a whole Mask R-CNN forward (eval) with DiT-b2 against PVTv2-b2 at 512x512;
 * a training step (forward, backward, AdamW step) of DiT-b2 with the budget
   loss at mu = 1 (PVTv2's cost) against PVTv2-b2, same batch and input;
-* peak memory of each variant (max RSS growth, measured in a fresh process).
+* peak memory of each variant (RSS growth during a forward, fresh process each).
 
 It writes every figure to JSON and prints a table. Tests never assert on time.
 """
@@ -254,7 +254,13 @@ def bench_train_step(size: int, batch: int, rounds: int) -> dict:
                      'needs B(x) for skipped tokens); see docs/design.md')
 
 
+def _rss_mib() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
 def _peak_child(spec: dict, queue) -> None:
+    import threading
     torch.set_num_threads(spec['threads'])
     pvt, dit = build_pair('b2')
     model = pvt if spec['model'] == 'pvt' else dit
@@ -262,18 +268,29 @@ def _peak_child(spec: dict, queue) -> None:
         dit.routing, dit.keep_ratio = spec['routing'], spec['keep_ratio']
     del pvt, dit
     x = torch.randn(spec['batch'], 3, spec['size'], spec['size'])
-    with open('/proc/self/statm') as f:
-        current_kib = int(f.read().split()[1]) * resource.getpagesize() / 1024
+    with torch.no_grad():
+        model(x)  # warm-up: allocator caches, oneDNN primitives
+    base = _rss_mib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.0005)
+    thread = threading.Thread(target=sample)
+    thread.start()
     with torch.no_grad():
         model(x)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((peak_kib - current_kib) / 1024)
+    done.set()
+    thread.join()
+    queue.put(peak[0] - base)
 
 
 def peak_memory(size: int, batch: int, threads: int) -> Dict[str, float]:
-    """Peak RSS growth (MiB) of one forward over the RSS before it, in a fresh
-    process per variant (``ru_maxrss`` minus the current RSS; if building the
-    model peaked higher than the forward, this overstates the forward)."""
+    """Peak RSS growth (MiB) during one forward over the RSS just before it,
+    sampled every 0.5 ms by a thread, in a fresh process per variant (after
+    one warm-up forward)."""
     ctx = mp.get_context('spawn')
     variants = {'pvtv2_mmdet': dict(model='pvt'),
                 'dit_static': dict(model='dit', routing='static', keep_ratio=None)}
@@ -316,7 +333,8 @@ def print_table(res: dict) -> None:
         print(f'\n## Training step {t["size"]}² batch {t["batch"]}: DiT-b2 (mu=1) / PVTv2-b2 = '
               f'{t["dit_over_pvt"]:.3f} ({t["times_s"]})')
     if 'peak_memory_mib' in res:
-        print('\n## Peak memory (MiB, RSS growth during one forward)')
+        size = max(res['sizes'])
+        print(f'\n## Peak memory (MiB, RSS growth during one forward, {size}², batch 4)')
         for k, v in res['peak_memory_mib'].items():
             print(f'- {k}: {v:.0f}')
 
@@ -336,7 +354,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.quick:
         args.sizes, args.rounds = [224], 1
     res: dict = dict(machine=dict(platform=platform.platform(), threads=args.threads,
-                                  torch=torch.__version__), rounds=args.rounds)
+                                  torch=torch.__version__), rounds=args.rounds,
+                     sizes=args.sizes)
     print('[1/5] backbones', flush=True)
     res['backbones'] = bench_backbones(args.sizes, args.batches, args.rounds)
     print('[2/5] profiler', flush=True)
