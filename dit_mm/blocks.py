@@ -20,6 +20,7 @@ skipped positions, like its own zero padding at the border.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
 from torch.profiler import record_function
+
+from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu
 
 
 class RoutedStage(nn.Module):
@@ -101,15 +104,21 @@ class RoutedStage(nn.Module):
             counts = keep.sum(dim=1).tolist()
             base = x.reshape(B * N, C)
             t = base.index_select(0, idx)
-        # hidden map of the depthwise conv: zero at skipped positions. Every
-        # block writes the same (kept) rows, so it is zeroed only once.
-        hidden = self.blocks[0].mlp.fc1.out_features
-        buffer = x.new_zeros(B * N, hidden)
+        if kernel_applies(t) and all(_fusable(blk.mlp) for blk in self.blocks):
+            # depthwise conv + GELU at the kept tokens only (dit_mm.sparse_ops)
+            with record_function('dit::gather'):
+                nbr = neighbour_table(idx, B, hw)
+            mlp = partial(_mlp_packed_kernel, nbr=nbr)
+        else:
+            # dense depthwise conv on a hidden map that is zero at skipped
+            # positions; every block writes the same rows, so it is zeroed once
+            buffer = x.new_zeros(B * N, self.blocks[0].mlp.fc1.out_features)
+            mlp = partial(_mlp_packed, hw=hw, idx=idx, buffer=buffer)
         for blk in self.blocks:
             with record_function('dit::scatter'):
                 full = base.index_copy(0, idx, t).view(B, N, C)
             t = t + _attention_packed(blk.attn, blk.norm1, t, full, hw, counts)
-            t = t + _mlp_packed(blk.mlp, blk.norm2(t), hw, idx, buffer)
+            t = t + mlp(blk.mlp, blk.norm2(t))
         t = self.norm(t)
         with record_function('dit::scatter'):
             return base.index_copy(0, idx, t).view(B, N, C)
@@ -201,6 +210,20 @@ def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
     return F.dropout(a, dropout) @ v
+
+
+def _fusable(mlp: nn.Module) -> bool:
+    """PVTv2's MLP as :func:`sparse_dwconv_gelu` computes it (no extra ReLU,
+    exact GELU, 3x3 depthwise conv)."""
+    act = mlp.act
+    return (isinstance(mlp.relu, nn.Identity) and isinstance(act, nn.GELU)
+            and act.approximate == 'none' and mlp.dwconv.kernel_size == (3, 3)
+            and mlp.dwconv.groups == mlp.dwconv.in_channels)
+
+
+def _mlp_packed_kernel(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """MLP of packed tokens with the fused sparse depthwise conv + GELU."""
+    return mlp.fc2(sparse_dwconv_gelu(mlp.fc1(t), nbr, mlp.dwconv))
 
 
 def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],

@@ -56,3 +56,26 @@ def test_masked_gradient_reaches_the_gate_mask():
     mask = torch.ones(2, 36, requires_grad=True)
     stage.forward_masked(x, (6, 6), mask).pow(2).sum().backward()
     assert mask.grad is not None and mask.grad.abs().sum() > 0
+
+
+def test_sparse_kernel_matches_the_dense_conv_fallback(monkeypatch):
+    from dit_mm import blocks, sparse_ops
+    if not sparse_ops.extension_available():
+        pytest.skip('no C++ compiler: only the fallback path exists here')
+    stage = _stage()
+    x = torch.randn(3, 9 * 11, 32)
+    keep = torch.rand(3, 99) < torch.tensor([[0.1], [0.6], [0.9]])
+    with torch.no_grad():
+        fused = stage.forward_sparse(x, (9, 11), keep)
+        monkeypatch.setattr(blocks, 'kernel_applies', lambda t: False)
+        fallback = stage.forward_sparse(x, (9, 11), keep)
+    assert torch.allclose(fused, fallback, atol=1e-5)
+
+
+def test_neighbour_table_marks_borders_and_skipped_tokens():
+    from dit_mm.sparse_ops import neighbour_table
+    keep = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool).reshape(-1)  # one 2x3 map
+    nbr = neighbour_table(keep.nonzero().squeeze(1), 1, (2, 3))
+    # token (0,0): up/left outside; right neighbour (0,1) is packed row 1,
+    # below-right (1,1) is row 2, below (1,0) skipped
+    assert nbr[0].tolist() == [-1, -1, -1, -1, 0, 1, -1, -1, 2]

@@ -1,0 +1,142 @@
+"""Depthwise 3x3 conv (+ GELU) evaluated at the kept tokens only.
+
+PVTv2's MLP runs a 3x3 depthwise conv on its hidden map (8x the channels at
+strides 4 and 8). Run densely, it costs the same whether 100 % or 25 % of the
+tokens are kept, and it is memory-bound: at 512x512, batch 4, it was a quarter
+of the packed backbone's time. This module evaluates it on the packed hidden
+rows of the kept tokens only, through a neighbour table (the GELU that
+follows then also runs on kept rows only):
+
+* :func:`neighbour_table` maps every kept token to the packed rows of its 3x3
+  neighbours (``-1`` where the neighbour is skipped or outside the image:
+  both read as zero, as in the dense path);
+* :func:`sparse_dwconv_gelu` runs a small C++ kernel (compiled once per
+  machine with ``torch.utils.cpp_extension.load_inline``, parallel through
+  ``at::parallel_for``) on float32 CPU tensors at inference. Elsewhere (other
+  devices or dtypes, autograd, no compiler, or ``DIT_MM_NO_EXT=1``) the
+  packed blocks fall back to the dense conv on a zero-filled hidden map.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+
+_CPP = r'''
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+// out[k] = bias + sum_t w[t] * h[nbr[k, t]]  (rows with nbr = -1 read as zero)
+torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch::Tensor b) {
+  TORCH_CHECK(h.is_contiguous() && nbr.is_contiguous() && w.is_contiguous());
+  const int64_t K = h.size(0), C = h.size(1);
+  auto out = torch::empty_like(h);
+  const float* __restrict__ hp = h.data_ptr<float>();
+  const int64_t* __restrict__ np = nbr.data_ptr<int64_t>();
+  const float* __restrict__ wp = w.data_ptr<float>();
+  const float* __restrict__ bp = b.data_ptr<float>();
+  float* __restrict__ op = out.data_ptr<float>();
+  at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      float* __restrict__ o = op + k * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = bp[c];
+      for (int t = 0; t < 9; ++t) {
+        const int64_t j = np[k * 9 + t];
+        if (j < 0) continue;
+        const float* __restrict__ src = hp + j * C;
+        const float* __restrict__ wt = wp + t * C;
+        for (int64_t c = 0; c < C; ++c) o[c] += wt[c] * src[c];
+      }
+    }
+  });
+  return out;
+}
+'''
+
+_lock = threading.Lock()
+_ext = None
+_ext_failed = False
+
+
+def _extension():
+    """The compiled kernel, or ``None`` if it cannot be built here."""
+    global _ext, _ext_failed
+    if _ext is not None or _ext_failed:
+        return _ext
+    if os.environ.get('DIT_MM_NO_EXT') == '1':
+        _ext_failed = True
+        return None
+    with _lock:
+        if _ext is None and not _ext_failed:
+            try:
+                from torch.utils.cpp_extension import load_inline
+                _ext = load_inline(name='dit_mm_sparse_dwconv_v2', cpp_sources=_CPP,
+                                   functions=['dwconv'],
+                                   extra_cflags=['-O3', '-march=native'], verbose=False)
+            except Exception as exc:  # no compiler, no headers: fall back, but say so
+                _ext_failed = True
+                print_log(f'dit_mm: sparse depthwise-conv kernel unavailable ({exc}); '
+                          'using the PyTorch fallback', logger='current', level=30)
+    return _ext
+
+
+def extension_available() -> bool:
+    """Whether the compiled kernel is (or can be) used."""
+    return _extension() is not None
+
+
+def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int]) -> torch.Tensor:
+    """Packed-row indices ``(K, 9)`` of the 3x3 neighbours of the kept tokens.
+
+    Args:
+        idx: Sorted flat positions ``b * H * W + y * W + x`` of the ``K`` kept
+            tokens (their packed order).
+        batch: Batch size.
+        hw: ``(H, W)``.
+
+    Returns:
+        ``int64 (K, 9)``, row-major taps ``(dy, dx)`` in ``{-1, 0, 1}^2``;
+        ``-1`` where the neighbour is skipped or outside the image.
+    """
+    H, W = hw
+    n = H * W
+    packed = torch.full((batch * n,), -1, dtype=torch.long, device=idx.device)
+    packed[idx] = torch.arange(idx.numel(), device=idx.device)
+    b, rest = idx // n, idx % n
+    y, x = rest // W, rest % W
+    taps = []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            yy, xx = y + dy, x + dx
+            inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            flat = b * n + yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)
+            taps.append(torch.where(inside, packed[flat], torch.full_like(flat, -1)))
+    return torch.stack(taps, dim=1).contiguous()
+
+
+def kernel_applies(h: torch.Tensor) -> bool:
+    """Whether :func:`sparse_dwconv_gelu` can run on ``h``: float32 CPU
+    inference (no autograd) with the kernel built."""
+    return (h.device.type == 'cpu' and h.dtype == torch.float32
+            and not torch.is_grad_enabled() and _extension() is not None)
+
+
+def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d,
+                       gelu: bool = True) -> torch.Tensor:
+    """``GELU(dwconv3x3(hidden))`` at the kept tokens (C++ kernel; check
+    :func:`kernel_applies` first).
+
+    Args:
+        h: Packed hidden rows ``(K, C)`` of the kept tokens.
+        nbr: Neighbour table from :func:`neighbour_table`.
+        conv: The depthwise ``Conv2d(C, C, 3, padding=1, groups=C)``.
+        gelu: Apply the exact (erf) GELU after the conv.
+    """
+    weight = conv.weight.reshape(conv.out_channels, 9).t().contiguous()  # (9, C)
+    bias = conv.bias if conv.bias is not None else h.new_zeros(conv.out_channels)
+    out = _extension().dwconv(h.contiguous(), nbr, weight, bias.contiguous())
+    return F.gelu(out) if gelu else out
