@@ -121,6 +121,26 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def add_model_args(parser: Any) -> None:
+    """The arguments every analysis tool takes: config, checkpoint, device,
+    config overrides."""
+    from mmengine.config import DictAction
+    parser.add_argument('config', help='mmdet / mmseg config file')
+    parser.add_argument('--checkpoint', help='checkpoint of the whole model (default: random '
+                        'init)')
+    parser.add_argument('--device', default='cpu', help='torch device (default: cpu)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value (xxx=yyy format)')
+
+
+def check_paths(config: str, checkpoint: str | None) -> None:
+    """Exits with a one-line message when the config or checkpoint is missing."""
+    if not osp.isfile(config):
+        raise SystemExit(f'config file not found: {config}')
+    if checkpoint is not None and not osp.isfile(checkpoint):
+        raise SystemExit(f'checkpoint not found: {checkpoint}')
+
+
 def load_config(config: str | Config, cfg_options: dict | None = None) -> Config:
     """Reads an mmdet / mmseg config and applies ``cfg_options``.
 

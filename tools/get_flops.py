@@ -38,7 +38,6 @@ try:
 except ImportError:  # running from a checkout without an installed dit_mm
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmengine.config import DictAction
 
 from dit_mm import analysis
 
@@ -47,9 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
     parser = argparse.ArgumentParser(
         description='Backbone and whole-model GFLOPs of a DiT model vs. its PVTv2 baseline')
-    parser.add_argument('config', help='mmdet / mmseg config file')
-    parser.add_argument('--checkpoint', help='checkpoint of the whole model (default: random '
-                        'init, useful for the static cost only)')
+    analysis.add_model_args(parser)
     parser.add_argument('--num-images', type=int, default=20,
                         help='number of data set images to average over (default: 20)')
     parser.add_argument('--split', choices=['val', 'test'], default='val',
@@ -61,9 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--backbone-only', action='store_true',
                         help='skip counting the neck and heads (faster)')
     parser.add_argument('--out', help='write the report as JSON to this file')
-    parser.add_argument('--device', default='cpu', help='torch device (default: cpu)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value (xxx=yyy format)')
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error('--num-images must be >= 1')
@@ -118,10 +112,7 @@ def format_report(report: dict[str, Any]) -> str:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Builds the model and measures it; returns the JSON report."""
     from mmengine.utils import ProgressBar
-    if not osp.isfile(args.config):
-        raise SystemExit(f'config file not found: {args.config}')
-    if args.checkpoint is not None and not osp.isfile(args.checkpoint):
-        raise SystemExit(f'checkpoint not found: {args.checkpoint}')
+    analysis.check_paths(args.config, args.checkpoint)
     cfg, model = analysis.load_model(args.config, args.checkpoint, args.cfg_options,
                                      device=args.device)
     if args.shape is not None:

@@ -40,7 +40,6 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from mmengine.config import DictAction
 
 from dit_mm import analysis
 from dit_mm.grid import NUM_SCALES
@@ -53,9 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
     parser = argparse.ArgumentParser(
         description='Per-node skip ratio of a DiT model over a data set (Fig. 4)')
-    parser.add_argument('config', help='mmdet / mmseg config file')
-    parser.add_argument('--checkpoint', help='checkpoint of the whole model (default: random '
-                        'init)')
+    analysis.add_model_args(parser)
     parser.add_argument('--num-images', type=int, default=100,
                         help='number of images of the data set (default: 100, or all if fewer)')
     parser.add_argument('--split', choices=['val', 'test'], default='val',
@@ -64,9 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='override the backbone\'s routing mode')
     parser.add_argument('--out-dir', default='routing_stats',
                         help='output folder (default: routing_stats)')
-    parser.add_argument('--device', default='cpu', help='torch device (default: cpu)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value (xxx=yyy format)')
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error('--num-images must be >= 1')
@@ -156,10 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the statistics (also written to ``--out-dir``)."""
     from mmengine.utils import ProgressBar
     args = parse_args(argv)
-    if not osp.isfile(args.config):
-        raise SystemExit(f'config file not found: {args.config}')
-    if args.checkpoint is not None and not osp.isfile(args.checkpoint):
-        raise SystemExit(f'checkpoint not found: {args.checkpoint}')
+    analysis.check_paths(args.config, args.checkpoint)
     cfg, model = analysis.load_model(args.config, args.checkpoint, args.cfg_options,
                                      device=args.device)
     if args.routing:

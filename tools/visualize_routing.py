@@ -36,7 +36,6 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from mmengine.config import DictAction
 
 from dit_mm import analysis
 from dit_mm.grid import NUM_SCALES
@@ -46,9 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
     parser = argparse.ArgumentParser(
         description='Plot the tokens each DiT grid node computed for one image (Fig. 3)')
-    parser.add_argument('config', help='mmdet / mmseg config file')
-    parser.add_argument('--checkpoint', help='checkpoint of the whole model (default: random '
-                        'init)')
+    analysis.add_model_args(parser)
     parser.add_argument('--img', help='image file (run through the config\'s test pipeline)')
     parser.add_argument('--index', type=int, default=0,
                         help='without --img: index of the image in the config\'s val/test set '
@@ -59,9 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='override the backbone\'s routing mode')
     parser.add_argument('--out', default='routing.png', help='output PNG (default: routing.png)')
     parser.add_argument('--dpi', type=int, default=110, help='resolution of the PNG')
-    parser.add_argument('--device', default='cpu', help='torch device (default: cpu)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value (xxx=yyy format)')
     return parser.parse_args(argv)
 
 
@@ -134,10 +128,7 @@ def plot_routing(image: np.ndarray, masks: dict[Any, torch.Tensor | None],
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point; returns ``{'out', 'keep': {node_key: fraction or None}, 'gflops'}``."""
     args = parse_args(argv)
-    if not osp.isfile(args.config):
-        raise SystemExit(f'config file not found: {args.config}')
-    if args.checkpoint is not None and not osp.isfile(args.checkpoint):
-        raise SystemExit(f'checkpoint not found: {args.checkpoint}')
+    analysis.check_paths(args.config, args.checkpoint)
     if args.img is not None and not osp.isfile(args.img):
         raise SystemExit(f'image not found: {args.img}')
     cfg, model = analysis.load_model(args.config, args.checkpoint, args.cfg_options,

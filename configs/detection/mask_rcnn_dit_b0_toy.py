@@ -94,6 +94,8 @@ optim_wrapper = dict(
 custom_hooks = [
     dict(type='BudgetLossHook', mu=mu, loss_weight=2.0, warmup_iters=50,
          tau_start=1.0, tau_end=0.2, tau_anneal_iters=max_iters),
+    # reseeds torch's RNG every iteration: a resumed run continues exactly
+    dict(type='IterSeedHook', seed=0),
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),
