@@ -13,7 +13,7 @@ from timm.layers import trunc_normal_
 from timm.models.pvt_v2 import OverlapPatchEmbed
 from torch.profiler import record_function
 
-from .blocks import RoutedStage
+from .blocks import RoutedStage, tokens_to_map
 from .cost_model import GridCost, grid_cost
 from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta, straight_through
 from .grid import (
@@ -285,9 +285,13 @@ class DiT(BaseModule):
                              f'(one token at stride 32); got {tuple(x.shape[2:])}')
 
     def _embed(self, key: str, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        B, _, C = x.shape
-        y = self.embeds[key](x.transpose(1, 2).reshape(B, C, *hw))
-        return y.reshape(B, -1, y.shape[-1])
+        y = self.embeds[key](tokens_to_map(x, hw))  # timm's embedding returns NHWC
+        return y.reshape(x.shape[0], -1, y.shape[-1])
+
+    @property
+    def _grid_runs(self) -> bool:
+        """Whether the off-diagonal nodes and column edges run."""
+        return self.routing == 'full' or (self.routing == 'dynamic' and self.scale_routing)
 
     def _column_edge(self, i: int, j: int, maps: List[Optional[torch.Tensor]],
                      sizes: List[Tuple[int, int]], rec: RoutingRecord) -> Optional[torch.Tensor]:
@@ -299,7 +303,7 @@ class DiT(BaseModule):
         if i == j:  # single input: always taken, so the map is never empty
             rec.embeds[(i, j)] = (ones, ones)
             return self._embed(key, src, sizes[i - 1])
-        if self.routing == 'static' or (self.routing == 'dynamic' and not self.scale_routing):
+        if not self._grid_runs:
             return dst
         if self.routing == 'full':
             rec.embeds[(i, j)] = (ones, ones)
@@ -323,9 +327,7 @@ class DiT(BaseModule):
         """Runs the blocks of node ``(i, j)`` on the tokens its gate keeps."""
         stage = self.stages[node_key(i, j)]
         B, N, _ = x.shape
-        diagonal = i == j
-        if not diagonal and (self.routing == 'static' or
-                             (self.routing == 'dynamic' and not self.scale_routing)):
+        if i != j and not self._grid_runs:
             return x
         gated = self.routing != 'static' and (
             self.keep_ratio is not None or (self.routing == 'dynamic' and self.depth_routing))

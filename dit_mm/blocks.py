@@ -124,7 +124,7 @@ class RoutedStage(nn.Module):
             return base.index_copy(0, idx, t).view(B, N, C)
 
 
-def _to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """Tokens ``(B, N, C)`` -> ``(B, C, H, W)`` as a channels-last view.
 
     timm's ``x.transpose(1, 2).view(B, C, H, W)`` has the same strides, but
@@ -135,7 +135,7 @@ def _to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     return x.contiguous().view(B, hw[0], hw[1], C).permute(0, 3, 1, 2)
 
 
-def _from_map(y: torch.Tensor) -> torch.Tensor:
+def map_to_tokens(y: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` -> tokens ``(B, H*W, C)`` (a view for channels-last maps)."""
     return y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])
 
@@ -153,7 +153,7 @@ def _keys_values(attn: nn.Module, x: torch.Tensor, hw: Tuple[int, int]
     """Keys and values ``(B, heads, Nk, hd)`` from the (normed) full map."""
     B = x.shape[0]
     if attn.sr is not None:
-        x = attn.norm(_from_map(attn.sr(_to_map(x, hw))))
+        x = attn.norm(map_to_tokens(attn.sr(tokens_to_map(x, hw))))
     kv = attn.kv(x).reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     return kv.unbind(0)
 
@@ -174,7 +174,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
     h = mlp.fc1(x)
     if hard is not None:
         h = h * hard
-    h = _from_map(mlp.dwconv(mlp.relu(_to_map(h, hw))))
+    h = map_to_tokens(mlp.dwconv(mlp.relu(tokens_to_map(h, hw))))
     return mlp.drop(mlp.fc2(mlp.drop(mlp.act(h))))
 
 
@@ -235,7 +235,7 @@ def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
     with record_function('dit::scatter'):
         buffer.index_copy_(0, idx, h)
     B = buffer.shape[0] // (hw[0] * hw[1])
-    conv = mlp.dwconv(mlp.relu(_to_map(buffer.view(B, -1, h.shape[1]), hw)))
+    conv = mlp.dwconv(mlp.relu(tokens_to_map(buffer.view(B, -1, h.shape[1]), hw)))
     with record_function('dit::gather'):
-        h = _from_map(conv).reshape(buffer.shape).index_select(0, idx)
+        h = map_to_tokens(conv).reshape(buffer.shape).index_select(0, idx)
     return mlp.fc2(mlp.act(h))
