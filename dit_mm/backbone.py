@@ -58,6 +58,7 @@ class RoutingRecord:
     masks: Dict[Node, torch.Tensor] = field(default_factory=dict)
     col_gates: List[Node] = field(default_factory=list)
     row_gates: List[Node] = field(default_factory=list)
+    spent: Optional[Tuple[GridCost, torch.Tensor, torch.Tensor]] = None  # cache
 
 
 @MODELS.register_module()
@@ -403,16 +404,24 @@ class DiT(BaseModule):
             PVTv2 path, ``C_base``) and ``full`` (every node and token).
             With ``per_image=True``, ``expected`` and ``real`` are ``(B,)``.
         """
-        rec = self.last_record
-        if rec is None:
-            raise RuntimeError('flops() reports the last forward; run the model first')
-        cost = self.grid_cost(rec.size)
-        exp, real = self._spent(rec, cost)
+        cost, exp, real = self._last_spent('flops()')
         out: Dict[str, Union[float, torch.Tensor]] = dict(
             expected=exp / 1e9 if per_image else exp.mean() / 1e9,
             real=real / 1e9 if per_image else float(real.mean()) / 1e9,
             static=cost.static / 1e9, full=cost.full / 1e9)
         return out
+
+    def _last_spent(self, caller: str) -> Tuple[GridCost, torch.Tensor, torch.Tensor]:
+        """Costs, expected and real FLOPs per image of the last forward
+        (computed once per forward: the hook asks for both the loss and the
+        log values)."""
+        rec = self.last_record
+        if rec is None:
+            raise RuntimeError(f'{caller} reports the last forward; run the model first')
+        if rec.spent is None:
+            cost = self.grid_cost(rec.size)
+            rec.spent = (cost, *self._spent(rec, cost))
+        return rec.spent
 
     @staticmethod
     def _spent(rec: RoutingRecord, cost: GridCost) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -439,12 +448,8 @@ class DiT(BaseModule):
     def budget_loss(self, mu: float) -> torch.Tensor:
         """Budget term ``(C_expected / C_base - mu)^2`` of the last forward
         (paper eq. 6), averaged over the images of the batch."""
-        rec = self.last_record
-        if rec is None:
-            raise RuntimeError('budget_loss() needs a forward first')
-        check_budget(mu, self.max_budget(rec.size))
-        cost = self.grid_cost(rec.size)
-        exp, _ = self._spent(rec, cost)
+        cost, exp, _ = self._last_spent('budget_loss()')
+        check_budget(mu, cost.full / cost.static)
         return ((exp / cost.static - mu) ** 2).mean()
 
     def keep_ratios(self) -> Dict[str, float]:
