@@ -16,7 +16,9 @@ hit all variants alike. It measures, in one run:
   (the ``dit::*`` scopes), as a share of backbone time;
 * a whole Mask R-CNN forward (eval) with DiT-b2 against PVTv2-b2 at 512x512;
 * a training step (forward, backward, AdamW step) of DiT-b2 with the budget
-  loss at mu = 1 (PVTv2's cost) against PVTv2-b2, same batch and input;
+  loss at mu = 1 (gates set to spend PVTv2's cost) against PVTv2-b2, same
+  batch and input, with the default dense masked path and with
+  ``sparse_training=True``;
 * peak memory of each variant (RSS growth during a forward, fresh process each).
 
 It writes every figure to JSON and prints a table. Tests never assert on time.
@@ -227,15 +229,22 @@ def _open_budget_gates(dit, mu: float = 1.0) -> None:
 
 
 def bench_train_step(size: int, batch: int, rounds: int) -> dict:
+    import copy
+
     from dit_mm.hooks import BudgetLossHook
     pvt, dit = build_pair('b2')
     dit.routing = 'dynamic'
+    _open_budget_gates(dit, mu=1.0)  # gates that spend PVTv2's cost
+    sparse = copy.deepcopy(dit)
+    sparse.sparse_training = True
     pvt.train()
     dit.train()
+    sparse.train()
     hook = BudgetLossHook(mu=1.0, loss_weight=2.0)
     x = torch.randn(batch, 3, size, size)
     opt_p = torch.optim.AdamW(pvt.parameters(), lr=1e-4)
     opt_d = torch.optim.AdamW(dit.parameters(), lr=1e-4)
+    opt_s = torch.optim.AdamW(sparse.parameters(), lr=1e-4)
 
     def step(model, opt, budget):
         def f():
@@ -247,11 +256,14 @@ def bench_train_step(size: int, batch: int, rounds: int) -> dict:
             opt.step()
         return f
     times = interleaved({'train_pvtv2_b2': step(pvt, opt_p, False),
-                         'train_dit_b2_mu1': step(dit, opt_d, True)}, rounds)
+                         'train_dit_b2_mu1': step(dit, opt_d, True),
+                         'train_dit_b2_mu1_sparse': step(sparse, opt_s, True)}, rounds)
     return dict(size=size, batch=batch, times_s=times,
                 dit_over_pvt=times['train_dit_b2_mu1'] / times['train_pvtv2_b2'],
-                note='training uses the dense masked path (straight-through gradient '
-                     'needs B(x) for skipped tokens); see docs/design.md')
+                sparse_dit_over_pvt=times['train_dit_b2_mu1_sparse'] / times['train_pvtv2_b2'],
+                note='default training uses the dense masked path (the straight-through '
+                     'gradient needs B(x) at skipped tokens); sparse_training=True computes '
+                     'kept tokens only; see docs/design.md')
 
 
 def _rss_mib() -> float:
@@ -331,7 +343,8 @@ def print_table(res: dict) -> None:
     if 'train' in res:
         t = res['train']
         print(f'\n## Training step {t["size"]}² batch {t["batch"]}: DiT-b2 (mu=1) / PVTv2-b2 = '
-              f'{t["dit_over_pvt"]:.3f} ({t["times_s"]})')
+              f'{t["dit_over_pvt"]:.3f} dense masked, {t["sparse_dit_over_pvt"]:.3f} '
+              f'sparse_training ({t["times_s"]})')
     if 'peak_memory_mib' in res:
         size = max(res['sizes'])
         print(f'\n## Peak memory (MiB, RSS growth during one forward, {size}², batch 4)')

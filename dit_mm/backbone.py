@@ -96,6 +96,12 @@ class DiT(BaseModule):
         gate_momentum: EMA momentum of the gate weights (paper eq. 3).
         gate_tau: Gumbel-softmax temperature (annealed by ``BudgetLossHook``).
         random_keep_prob: Keep probability of ``gate='random'``.
+        sparse_training: Train with the packed path too: only kept tokens
+            and open column edges are computed, so a step costs what the
+            routes cost. The straight-through gradient then reaches a gate
+            only where its path was taken (``B(x)`` is not computed for
+            skipped tokens), and drop path is not applied inside gated nodes. Off by default: the dense
+            masked path gives every token's gate its task gradient.
         embed_norm_eps: eps of the LayerNorms in the patch embeddings and the
             attention's spatial reduction: 1e-5 in the official PVTv2 and
             timm; mmdet's ``PyramidVisionTransformerV2`` uses 1e-6.
@@ -123,6 +129,7 @@ class DiT(BaseModule):
                  gate_momentum: float = 0.999,
                  gate_tau: float = 1.0,
                  random_keep_prob: float = 0.5,
+                 sparse_training: bool = False,
                  embed_norm_eps: float = 1e-5,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None) -> None:
@@ -156,6 +163,7 @@ class DiT(BaseModule):
         # cost reported at inference uses the temperature the model ended with
         self.register_buffer('gate_temperature', torch.tensor(float(gate_tau)))
         self.random_keep_prob = random_keep_prob
+        self.sparse_training = bool(sparse_training)
         self.generator: Optional[torch.Generator] = None  # Gumbel noise source
         inits = dict(diagonal=2.0, off_diagonal=0.0, column=0.0)
         inits.update(gate_init or {})
@@ -313,15 +321,16 @@ class DiT(BaseModule):
             out = self.col_gates[key](src, self.gate_tau, self._noise_generator(src))
         rec.col_gates.append((i, j))
         rec.embeds[(i, j)] = (out.prob, out.mask.detach())
-        if self.training:
-            return dst + out.mask.to(dst.dtype).view(B, 1, 1) * self._embed(key, src,
-                                                                            sizes[i - 1])
-        sel = out.mask.nonzero().squeeze(1)
+        gate = out.mask.to(dst.dtype).view(B, 1, 1)  # exact 0/1, straight-through grad
+        if self.training and not self.sparse_training:
+            return dst + gate * self._embed(key, src, sizes[i - 1])
+        sel = out.mask.detach().nonzero().squeeze(1)  # only the images whose edge is open
         if sel.numel() == 0:
             return dst
         if sel.numel() == B:
-            return dst + self._embed(key, src, sizes[i - 1])
-        return dst.index_add(0, sel, self._embed(key, src.index_select(0, sel), sizes[i - 1]))
+            return dst + gate * self._embed(key, src, sizes[i - 1])
+        emb = self._embed(key, src.index_select(0, sel), sizes[i - 1])
+        return dst.index_add(0, sel, gate.index_select(0, sel) * emb)
 
     def _row_edge(self, i: int, j: int, x: torch.Tensor, hw: Tuple[int, int],
                   rec: RoutingRecord) -> torch.Tensor:
@@ -348,6 +357,9 @@ class DiT(BaseModule):
         rec.active[(i, j)] = -torch.expm1(skip_all)
         rec.masks[(i, j)] = real.bool().view(B, *hw)
         if self.training:
+            if self.sparse_training:
+                y = stage.forward_sparse(x, hw, keep.detach() > 0.5)
+                return x + keep.unsqueeze(-1).to(y.dtype) * (y - x)
             return stage.forward_masked(x, hw, keep)
         return stage.forward_sparse(x, hw, keep > 0.5)
 

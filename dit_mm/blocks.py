@@ -230,10 +230,14 @@ def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
                 idx: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """MLP with depthwise conv for packed tokens ``t (K, C)`` at flat
     positions ``idx`` of a ``(B, H, W)`` map. ``buffer (B*H*W, hidden)`` must
-    be zero outside ``idx``; the kept rows are overwritten here."""
+    be zero outside ``idx``; without autograd its kept rows are overwritten in
+    place."""
     h = mlp.fc1(t)
     with record_function('dit::scatter'):
-        buffer.index_copy_(0, idx, h)
+        if torch.is_grad_enabled():  # autograd keeps each block's map: no reuse
+            buffer = buffer.index_copy(0, idx, h)
+        else:
+            buffer.index_copy_(0, idx, h)
     B = buffer.shape[0] // (hw[0] * hw[1])
     conv = mlp.dwconv(mlp.relu(tokens_to_map(buffer.view(B, -1, h.shape[1]), hw)))
     with record_function('dit::gather'):

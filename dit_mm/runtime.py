@@ -114,9 +114,9 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
       :class:`MMCPUDistributedDataParallel` (``device_ids=None``).
     * DiT in ``routing='dynamic'`` trains every parameter in every iteration
       (the masked training path runs all nodes, see docs/design.md), so DDP
-      needs no ``find_unused_parameters``. With ``routing='static'`` or
-      ``scale_routing=False`` the extra grid nodes get no gradient, and
-      ``find_unused_parameters=True`` is set.
+      needs no ``find_unused_parameters``. With ``routing='static'``,
+      ``scale_routing=False`` or ``sparse_training=True``, skipped nodes get
+      no gradient, and ``find_unused_parameters=True`` is set.
     """
     cfg.launcher = launcher
     if launcher == 'none':
@@ -124,7 +124,8 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
     wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
     backbone = cfg.get('model', {}).get('backbone', {})
     if backbone.get('type') == 'DiT' and (backbone.get('routing', 'dynamic') == 'static'
-                                          or not backbone.get('scale_routing', True)):
+                                          or not backbone.get('scale_routing', True)
+                                          or backbone.get('sparse_training', False)):
         wrapper.setdefault('find_unused_parameters', True)
     if torch.cuda.is_available():
         cfg.model_wrapper_cfg = wrapper

@@ -87,8 +87,10 @@ def test_stock_mmdet_config_with_only_the_backbone_swapped(toy_root, tmp_path):
     assert torch.isfinite(torch.tensor(_scalar(runner, 'loss')))
 
 
-def test_mmseg_encoder_decoder_trains_with_the_hook(toy_root, tmp_path):
+@pytest.mark.parametrize('sparse_training', [False, True])
+def test_mmseg_encoder_decoder_trains_with_the_hook(toy_root, tmp_path, sparse_training):
     cfg = seg_toy_cfg(toy_root, tmp_path, iters=3)
+    cfg.model.backbone.sparse_training = sparse_training
     runner = Runner.from_cfg(cfg)
     runner.train()
     assert type(runner.model).__name__ == 'EncoderDecoder'
