@@ -100,8 +100,9 @@ class DiT(BaseModule):
             and open column edges are computed, so a step costs what the
             routes cost. The straight-through gradient then reaches a gate
             only where its path was taken (``B(x)`` is not computed for
-            skipped tokens), and drop path is not applied inside gated nodes. Off by default: the dense
-            masked path gives every token's gate its task gradient.
+            skipped tokens), and drop path is not applied inside gated
+            nodes. Off by default: the dense masked path gives every token's
+            gate its task gradient.
         embed_norm_eps: eps of the LayerNorms in the patch embeddings and the
             attention's spatial reduction: 1e-5 in the official PVTv2 and
             timm; mmdet's ``PyramidVisionTransformerV2`` uses 1e-6.
