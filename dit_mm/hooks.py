@@ -11,7 +11,8 @@ in ``before_train``: the wrapper calls the original ``loss()`` and adds
   without ``loss``, so they are logged, not summed.
 
 The model's type is unchanged, and since DDP calls ``module.forward`` which
-calls ``module.loss``, the term is part of the synchronised graph.
+calls ``module.loss``, the term is part of the synchronised graph. With
+``routing='static'`` or ``'full'`` (no gates to train) no terms are added.
 
 The hook owns the schedules, all pure functions of the iteration (so a
 resumed run continues them exactly): linear warm-up of ``lambda`` and

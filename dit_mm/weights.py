@@ -169,8 +169,9 @@ def load_converted(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     """Loads a converted state dict with a short, readable report.
 
     Gate weights (and the gate temperature) are never in a PVTv2 checkpoint;
-    their absence is expected and not reported. Shape mismatches (e.g. a checkpoint of another arch)
-    raise a ``ValueError`` that names the arch difference.
+    their absence is expected and not reported. Shape mismatches (e.g. a
+    checkpoint of another arch) raise a ``ValueError`` that names the arch
+    difference.
 
     Returns:
         dict with ``missing`` and ``unexpected`` key lists.
