@@ -84,10 +84,6 @@ class GridSpec:
             return self.depths[i]
         return dict(self.grid_depths).get((i, j), self.depths[i])
 
-    @staticmethod
-    def is_diagonal(i: int, j: int) -> bool:
-        return i == j
-
 
 def _check_tuple(name: str, value: Sequence, kind: type) -> Tuple:
     if not isinstance(value, (list, tuple)) or len(value) != NUM_SCALES:
