@@ -1,13 +1,14 @@
 """Wall-clock benchmark: DiT against PVTv2, skipped against dense, side by side.
 
-    python benchmarks/bench_backbone.py [--out benchmarks/results.json] [--rounds 3]
-                                        [--sizes 224 512] [--quick]
+    python benchmarks/bench_backbone.py [--out benchmarks/results.json] [--rounds 5]
+                                        [--sizes 224 512] [--malloc system keep] [--quick]
 
 Every figure is a median over ``--rounds`` interleaved rounds (each round times
-every variant once, after one warm-up call each), so drifts in machine load
-hit all variants alike. It measures, in one run:
+every variant once, after two warm-up rounds), so drifts in machine load hit
+all variants alike; every sample is kept in the JSON. It measures, in one run:
 
-* static overhead: mmdet ``PyramidVisionTransformerV2``-b2 against DiT-b2
+* static overhead (once per allocator mode, see
+  :func:`bench_backbones_per_allocator`): mmdet ``PyramidVisionTransformerV2``-b2 against DiT-b2
   with ``routing='static'`` (same weights through the converter);
 * skip efficiency: DiT-b2 ``routing='full'`` with ``keep_ratio`` 1.0, 0.75,
   0.5, 0.25 at batch 1 and at batch 4 with unequal per-image ratios whose mean
@@ -73,14 +74,22 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(variants: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, float]:
-    """Median seconds per variant over interleaved rounds (one warm-up each)."""
-    for fn in variants.values():
-        fn()
+def interleaved(variants: Dict[str, Callable[[], object]], rounds: int,
+                warmup: int = 2, spread: Optional[Dict[str, List[float]]] = None
+                ) -> Dict[str, float]:
+    """Median seconds per variant over interleaved rounds, after ``warmup``
+    interleaved rounds (the allocator and oneDNN settle over the first
+    calls: at 224², batch 1, the first three full-grid forwards took ~380 ms,
+    later ones ~200 ms). ``spread`` receives every variant's samples."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
     samples: Dict[str, List[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for k, fn in variants.items():
             samples[k].append(timed(fn))
+    if spread is not None:
+        spread.update(samples)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -104,19 +113,60 @@ def bench_backbones(sizes: Sequence[int], batches: Sequence[int], rounds: int) -
                      for r in RATIOS}
             for r, view in views.items():
                 variants[f'dit_full_r{r}'] = view.runner(x)
-            times = interleaved(variants, rounds)
+            samples: Dict[str, List[float]] = {}
+            times = interleaved(variants, rounds, spread=samples)
             flops = {r: view.real_flops(x) for r, view in views.items()}
             base_t, base_f = times['dit_full_r1.0'], flops[1.0]
             print(f'  backbones {size}x{size} batch {batch}: ' + ', '.join(
                 f'{k} {v * 1e3:.0f} ms' for k, v in times.items()), flush=True)
             rows.append(dict(
-                size=size, batch=batch, times_s=times,
+                size=size, batch=batch, times_s=times, samples_s=samples,
                 static_over_pvt=times['dit_static'] / times['pvtv2_mmdet'],
                 skip=[dict(keep_ratio=r, per_image=per_image_ratios(r, batch),
                            latency_ratio=times[f'dit_full_r{r}'] / base_t,
                            real_flops_ratio=flops[r] / base_f,
                            target=None if r > 0.5 else r + (0.10 if r == 0.5 else 0.15))
                       for r in RATIOS]))
+    return rows
+
+
+def _backbones_child(malloc: str, sizes: Sequence[int], batches: Sequence[int], rounds: int,
+                     threads: int, queue) -> None:
+    """:func:`bench_backbones` in a fresh process with glibc's default
+    allocator (``system``) or with freed memory kept for reuse (``keep``)."""
+    from dit_mm.runtime import keep_freed_memory
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if malloc == 'keep' and not keep_freed_memory():
+        queue.put(None)
+        return
+    rows = bench_backbones(sizes, batches, rounds)
+    queue.put([dict(row, malloc=malloc) for row in rows])
+
+
+def bench_backbones_per_allocator(modes: Sequence[str], sizes: Sequence[int],
+                                  batches: Sequence[int], rounds: int, threads: int) -> List[dict]:
+    """The backbone table once per allocator mode, each in its own process.
+
+    glibc serves large blocks with fresh pages and returns freed heap tops to
+    the kernel, so by default every forward page-faults its activations back
+    in; that costs the dense grid (larger activations) more than the packed
+    path. ``keep`` removes most of it (:func:`dit_mm.runtime.keep_freed_memory`).
+    """
+    ctx = mp.get_context('spawn')
+    rows: List[dict] = []
+    for mode in modes:
+        print(f'  allocator: {mode}', flush=True)
+        q = ctx.Queue()
+        p = ctx.Process(target=_backbones_child,
+                        args=(mode, list(sizes), list(batches), rounds, threads, q))
+        p.start()
+        got = q.get()
+        p.join()
+        if got is None:
+            print(f'  allocator mode {mode!r} unavailable here (not glibc); skipped')
+            continue
+        rows += got
     return rows
 
 
@@ -321,15 +371,15 @@ def peak_memory(size: int, batch: int, threads: int) -> Dict[str, float]:
 
 def print_table(res: dict) -> None:
     print('\n## Static path overhead and skip efficiency (DiT-b2, medians)')
-    print('| input | batch | DiT static / PVTv2 | r | latency(r)/latency(1) | real FLOPs ratio '
-          '| target |')
-    print('|---|---|---|---|---|---|---|')
+    print('| malloc | input | batch | DiT static / PVTv2 | r | latency(r)/latency(1) '
+          '| real FLOPs ratio | target |')
+    print('|---|---|---|---|---|---|---|---|')
     for row in res['backbones']:
         for s in row['skip']:
             tgt = f'<= {s["target"]:.2f}' if s['target'] else ''
-            print(f'| {row["size"]}² | {row["batch"]} | {row["static_over_pvt"]:.3f} | '
-                  f'{s["keep_ratio"]} | {s["latency_ratio"]:.3f} | '
-                  f'{s["real_flops_ratio"]:.3f} | {tgt} |')
+            print(f'| {row.get("malloc", "system")} | {row["size"]}² | {row["batch"]} | '
+                  f'{row["static_over_pvt"]:.3f} | {s["keep_ratio"]} | '
+                  f'{s["latency_ratio"]:.3f} | {s["real_flops_ratio"]:.3f} | {tgt} |')
     print('\n## Gate/gather/scatter share of backbone time (torch.profiler)')
     for p in res['profile']:
         parts = ', '.join(f'{k} {v * 100:.1f}%' for k, v in p['share'].items())
@@ -355,7 +405,10 @@ def print_table(res: dict) -> None:
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default='benchmarks/results.json')
-    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--malloc', nargs='+', choices=['system', 'keep'],
+                        default=['system', 'keep'],
+                        help='allocator modes for the backbone table (each in its own process)')
     parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512])
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 4])
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
@@ -368,9 +421,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         args.sizes, args.rounds = [224], 1
     res: dict = dict(machine=dict(platform=platform.platform(), threads=args.threads,
                                   torch=torch.__version__), rounds=args.rounds,
-                     sizes=args.sizes)
+                     sizes=args.sizes, malloc_other_sections='system')
     print('[1/5] backbones', flush=True)
-    res['backbones'] = bench_backbones(args.sizes, args.batches, args.rounds)
+    res['backbones'] = bench_backbones_per_allocator(args.malloc, args.sizes, args.batches,
+                                                     args.rounds, args.threads)
     print('[2/5] profiler', flush=True)
     big = max(args.sizes)
     res['profile'] = [profile_overhead(big, 1, 1.0), profile_overhead(big, 4, 0.5)]

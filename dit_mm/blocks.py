@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
 from torch.profiler import record_function
 
-from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu
+from .sparse_ops import kernel_applies, neighbour_table, prepared, sparse_dwconv_gelu
 
 
 class RoutedStage(nn.Module):
@@ -114,10 +114,28 @@ class RoutedStage(nn.Module):
             # positions; every block writes the same rows, so it is zeroed once
             buffer = x.new_zeros(B * N, self.blocks[0].mlp.fc1.out_features)
             mlp = partial(_mlp_packed, hw=hw, idx=idx, buffer=buffer)
+        # Keys/values read the whole map, whose skipped rows never change in
+        # the stage: normalise them once, update only the kept rows per block,
+        # and fold each block's norm1 affine into its SR conv / kv weights.
+        eps = self.blocks[0].norm1.eps
+        if all(_foldable(blk, eps) for blk in self.blocks):
+            normed = F.layer_norm(base, (C,), eps=eps)
+            kv_fn = partial(_keys_values_folded, hw=hw)
+        else:
+            normed, kv_fn = None, None
         for blk in self.blocks:
-            with record_function('dit::scatter'):
-                full = base.index_copy(0, idx, t).view(B, N, C)
-            t = t + _attention_packed(blk.attn, blk.norm1, t, full, hw, counts)
+            if normed is not None:
+                t_hat = F.layer_norm(t, (C,), eps=eps)
+                with record_function('dit::scatter'):
+                    normed = _write_rows(normed, idx, t_hat)
+                q_in = torch.addcmul(blk.norm1.bias, t_hat, blk.norm1.weight)
+                k, v = kv_fn(blk.attn, blk.norm1, normed.view(B, N, C))
+            else:
+                with record_function('dit::scatter'):
+                    full = base.index_copy(0, idx, t).view(B, N, C)
+                q_in = blk.norm1(t)
+                k, v = _keys_values(blk.attn, blk.norm1(full), hw)
+            t = t + _attention_packed(blk.attn, q_in, k, v, counts)
             t = t + mlp(blk.mlp, blk.norm2(t))
         t = self.norm(t)
         with record_function('dit::scatter'):
@@ -178,18 +196,70 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
     return mlp.drop(mlp.fc2(mlp.drop(mlp.act(h))))
 
 
-def _attention_packed(attn: nn.Module, norm1: nn.Module, t: torch.Tensor,
-                      full: torch.Tensor, hw: Tuple[int, int],
-                      counts: List[int]) -> torch.Tensor:
-    """Spatial-reduction attention for packed queries ``t (K, C)``.
+def _foldable(blk: nn.Module, eps: float) -> bool:
+    """Whether ``blk.norm1`` is a channel LayerNorm with affine weights and
+    ``eps`` whose affine part :func:`_keys_values_folded` can fold into the
+    spatial reduction (a padding-free conv) or the kv linear."""
+    norm, sr = blk.norm1, blk.attn.sr
+    return (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
+            and norm.bias is not None and norm.eps == eps
+            and getattr(blk.attn, 'pool', None) is None
+            and (sr is None or (sr.padding == (0, 0) and sr.dilation == (1, 1)
+                                and sr.groups == 1 and sr.padding_mode == 'zeros')))
 
-    Keys/values come from the reduced full map ``full (B, N, C)``; queries of
-    image ``b`` are the ``counts[b]`` consecutive rows of ``t``.
+
+def _write_rows(buffer: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``buffer`` with ``rows`` at ``idx``: in place without autograd, else a
+    copy (autograd keeps every block's version)."""
+    if torch.is_grad_enabled():
+        return buffer.index_copy(0, idx, rows)
+    return buffer.index_copy_(0, idx, rows)
+
+
+def _keys_values_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor,
+                        hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_keys_values` of ``norm1(x)`` from the normalised map ``x_hat``
+    (``LayerNorm`` without affine): ``gamma`` scales the input channels of
+    the SR conv (or kv linear) and ``beta`` moves into its bias, so no
+    full-map affine pass is needed. The folded weights are prepared once per
+    weight version at inference."""
+    B = x_hat.shape[0]
+    if attn.sr is not None:
+        w, bias = prepared(attn, 'folded_sr', _fold_conv, attn.sr.weight, attn.sr.bias,
+                           norm1.weight, norm1.bias)
+        y = F.conv2d(tokens_to_map(x_hat, hw), w, bias, stride=attn.sr.stride)
+        kv = attn.kv(attn.norm(map_to_tokens(y)))
+    else:
+        w, bias = prepared(attn, 'folded_kv', _fold_linear, attn.kv.weight, attn.kv.bias,
+                           norm1.weight, norm1.bias)
+        kv = F.linear(x_hat, w, bias)
+    kv = kv.reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return kv.unbind(0)
+
+
+def _fold_conv(w: torch.Tensor, b: Optional[torch.Tensor], gamma: torch.Tensor,
+               beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``conv(x * gamma + beta) == conv'(x)`` for a padding-free conv."""
+    bias = (w * beta.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    return w * gamma.view(1, -1, 1, 1), bias if b is None else bias + b
+
+
+def _fold_linear(w: torch.Tensor, b: Optional[torch.Tensor], gamma: torch.Tensor,
+                 beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``linear(x * gamma + beta) == linear'(x)``."""
+    return w * gamma, w @ beta if b is None else torch.addmv(b, w, beta)
+
+
+def _attention_packed(attn: nn.Module, q_in: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """Spatial-reduction attention for packed (normed) queries ``q_in (K, C)``.
+
+    ``k``/``v`` ``(B, heads, Nk, hd)`` come from the reduced full map; queries
+    of image ``b`` are the ``counts[b]`` consecutive rows of ``q_in``.
     """
-    C = t.shape[1]
+    C = q_in.shape[1]
     heads, hd = attn.num_heads, attn.head_dim
-    q = attn.q(norm1(t))
-    k, v = _keys_values(attn, norm1(full), hw)
+    q = attn.q(q_in)
     out = torch.empty_like(q)
     start = 0
     for b, n in enumerate(counts):

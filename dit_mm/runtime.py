@@ -140,3 +140,33 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper  # Config stores a copy: assign when complete
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+
+
+def keep_freed_memory(max_chunk_mib: int = 32) -> bool:
+    """Tells glibc's ``malloc`` to keep freed memory for reuse (CPU inference).
+
+    By default glibc serves large blocks with fresh ``mmap`` pages and returns
+    freed heap tops to the kernel, so every forward page-faults its
+    activations back in: at 224x224, batch 1, a DiT-b2 full-grid forward took
+    ~40k minor faults and ~25 % of its time in the kernel. This sets
+    ``M_MMAP_THRESHOLD`` to ``max_chunk_mib`` (glibc caps it at 32 MiB; larger
+    blocks are still mapped) and disables trimming, the runtime equivalent of
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``. The process then
+    keeps its peak heap.
+
+    Returns:
+        Whether both settings took effect (``False`` off glibc).
+    """
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library('c')
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    ok = mallopt(m_mmap_threshold, max_chunk_mib << 20) == 1
+    return bool(ok and mallopt(m_trim_threshold, 2 ** 31 - 1) == 1)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Tuple
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from mmengine.logging import print_log
+
+T = TypeVar('T')
 
 _CPP = r'''
 #include <torch/extension.h>
@@ -32,7 +34,7 @@ _CPP = r'''
 
 // out[k] = bias + sum_t w[t] * h[nbr[k, t]]  (rows with nbr = -1 read as zero)
 torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch::Tensor b) {
-  TORCH_CHECK(h.is_contiguous() && nbr.is_contiguous() && w.is_contiguous());
+  TORCH_CHECK(h.is_contiguous() && nbr.is_contiguous() && w.is_contiguous() && b.is_contiguous());
   const int64_t K = h.size(0), C = h.size(1);
   auto out = torch::empty_like(h);
   const float* __restrict__ hp = h.data_ptr<float>();
@@ -51,6 +53,34 @@ torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch:
         const float* __restrict__ wt = wp + t * C;
         for (int64_t c = 0; c < C; ++c) o[c] += wt[c] * src[c];
       }
+    }
+  });
+  return out;
+}
+
+// Packed rows of the 3x3 neighbours of the kept tokens (see neighbour_table).
+torch::Tensor neighbours(torch::Tensor idx, int64_t batch, int64_t H, int64_t W) {
+  TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == torch::kLong);
+  const int64_t K = idx.size(0), n = H * W;
+  auto packed = torch::full({batch * n}, -1, idx.options());
+  auto out = torch::empty({K, 9}, idx.options());
+  const int64_t* __restrict__ ip = idx.data_ptr<int64_t>();
+  int64_t* __restrict__ pp = packed.data_ptr<int64_t>();
+  int64_t* __restrict__ op = out.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(ip[k] >= 0 && ip[k] < batch * n, "token index out of range");
+    pp[ip[k]] = k;
+  }
+  at::parallel_for(0, K, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t i = ip[k], base = (i / n) * n, y = (i % n) / W, x = i % W;
+      int64_t* __restrict__ o = op + k * 9;
+      for (int64_t dy = -1; dy <= 1; ++dy)
+        for (int64_t dx = -1; dx <= 1; ++dx) {
+          const int64_t yy = y + dy, xx = x + dx;
+          const bool inside = yy >= 0 && yy < H && xx >= 0 && xx < W;
+          *o++ = inside ? pp[base + yy * W + xx] : -1;
+        }
     }
   });
   return out;
@@ -74,14 +104,28 @@ def _extension():
         if _ext is None and not _ext_failed:
             try:
                 from torch.utils.cpp_extension import load_inline
-                _ext = load_inline(name='dit_mm_sparse_dwconv_v2', cpp_sources=_CPP,
-                                   functions=['dwconv'],
+                _ext = load_inline(name=f'dit_mm_sparse_ops_v3_{_cpu_tag()}', cpp_sources=_CPP,
+                                   functions=['dwconv', 'neighbours'],
                                    extra_cflags=['-O3', '-march=native'], verbose=False)
             except Exception as exc:  # no compiler, no headers: fall back, but say so
                 _ext_failed = True
                 print_log(f'dit_mm: sparse depthwise-conv kernel unavailable ({exc}); '
                           'using the PyTorch fallback', logger='current', level=30)
     return _ext
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's model and flags: the kernel is built with
+    ``-march=native``, so a cached build must not be reused on another CPU."""
+    import hashlib
+    import platform
+    info = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            info += ''.join(ln for ln in f if ln.startswith(('model name', 'flags')))
+    except OSError:
+        pass
+    return hashlib.sha1(info.encode()).hexdigest()[:8]
 
 
 def extension_available() -> bool:
@@ -102,6 +146,15 @@ def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int]) -> torch
         ``int64 (K, 9)``, row-major taps ``(dy, dx)`` in ``{-1, 0, 1}^2``;
         ``-1`` where the neighbour is skipped or outside the image.
     """
+    if idx.device.type == 'cpu' and _extension() is not None:
+        return _extension().neighbours(idx.contiguous(), batch, hw[0], hw[1])
+    return neighbour_table_reference(idx, batch, hw)
+
+
+def neighbour_table_reference(idx: torch.Tensor, batch: int, hw: Tuple[int, int]
+                              ) -> torch.Tensor:
+    """:func:`neighbour_table` in PyTorch ops (any device; the C++ version
+    is one call instead of ~60 small ops)."""
     H, W = hw
     n = H * W
     packed = torch.full((batch * n,), -1, dtype=torch.long, device=idx.device)
@@ -118,11 +171,43 @@ def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int]) -> torch
     return torch.stack(taps, dim=1).contiguous()
 
 
+def prepared(owner: torch.nn.Module, key: str, fn: Callable[..., T],
+             *params: Optional[torch.Tensor]) -> T:
+    """``fn(*params)``, cached on ``owner`` while ``params`` are unchanged.
+
+    For weights derived from parameters at inference (folded, transposed):
+    computing them per call costs a pass over the weights, as much as the
+    work they save on small maps. The cache is keyed on each tensor's storage
+    and version counter, so in-place updates (``load_state_dict``, optimiser
+    steps) and moves invalidate it; with autograd enabled nothing is cached,
+    so gradients reach the parameters.
+    """
+    if torch.is_grad_enabled():
+        return fn(*params)
+    stamp = tuple(None if p is None else (p.data_ptr(), p._version, p.dtype, p.device)
+                  for p in params)
+    cache: Dict[str, Tuple[tuple, T]] = owner.__dict__.setdefault('_dit_prepared', {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = fn(*params)
+    cache[key] = (stamp, value)
+    return value
+
+
 def kernel_applies(h: torch.Tensor) -> bool:
     """Whether :func:`sparse_dwconv_gelu` can run on ``h``: float32 CPU
     inference (no autograd) with the kernel built."""
     return (h.device.type == 'cpu' and h.dtype == torch.float32
             and not torch.is_grad_enabled() and _extension() is not None)
+
+
+def _taps(weight: torch.Tensor, bias: Optional[torch.Tensor]
+          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise weights ``(C, 1, 3, 3)`` as contiguous taps ``(9, C)``, and
+    the bias (zeros if there is none)."""
+    taps = weight.reshape(weight.shape[0], 9).t().contiguous()
+    return taps, (bias if bias is not None else weight.new_zeros(weight.shape[0])).contiguous()
 
 
 def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d,
@@ -136,7 +221,6 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d
         conv: The depthwise ``Conv2d(C, C, 3, padding=1, groups=C)``.
         gelu: Apply the exact (erf) GELU after the conv.
     """
-    weight = conv.weight.reshape(conv.out_channels, 9).t().contiguous()  # (9, C)
-    bias = conv.bias if conv.bias is not None else h.new_zeros(conv.out_channels)
-    out = _extension().dwconv(h.contiguous(), nbr, weight, bias.contiguous())
+    weight, bias = prepared(conv, 'taps', _taps, conv.weight, conv.bias)
+    out = _extension().dwconv(h.contiguous(), nbr, weight, bias)
     return F.gelu(out) if gelu else out
