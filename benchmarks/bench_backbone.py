@@ -210,7 +210,10 @@ def profile_overhead(size: int, batch: int, ratio: float) -> dict:
 
 
 def _mask_rcnn(backbone: dict, in_channels: List[int]):
+    import logging
+
     from mmengine.config import Config
+    from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
     init_default_scope('mmdet')
     from mmdet.registry import MODELS
@@ -225,7 +228,13 @@ def _mask_rcnn(backbone: dict, in_channels: List[int]):
     cfg.model.backbone = backbone
     cfg.model.neck.in_channels = in_channels
     model = MODELS.build(cfg.model).eval()
-    model.init_weights()
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # init_weights logs every parameter at INFO
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
     return model
 
 

@@ -90,3 +90,108 @@ def test_neighbour_table_kernel_matches_the_reference():
     fast = sparse_ops.neighbour_table(idx, 3, (7, 5))
     assert torch.equal(fast, sparse_ops.neighbour_table_reference(idx, 3, (7, 5)))
     assert (fast >= 0).any() and (fast == -1).any()
+
+
+def test_folded_norm_path_matches_the_plain_path_with_gradients(monkeypatch):
+    """The packed path folds norm1's affine into the SR conv / kv linear;
+    values and parameter gradients equal the unfolded computation."""
+    from dit_mm import blocks
+    for sr in (1, 2):
+        stage = _stage(sr).train()
+        x = torch.randn(2, 6 * 8, 32)
+        keep = torch.rand(2, 48) < torch.tensor([[0.3], [0.8]])
+        grads = []
+        for foldable in (blocks._foldable, lambda blk, eps: False):
+            monkeypatch.setattr(blocks, '_foldable', foldable)
+            stage.zero_grad()
+            out = stage.forward_sparse(x, (6, 8), keep)
+            out.pow(2).sum().backward()
+            blk = stage.blocks[0]
+            sr_or_kv = blk.attn.sr if sr > 1 else blk.attn.kv
+            grads.append((out.detach(), blk.norm1.weight.grad.clone(),
+                          blk.norm1.bias.grad.clone(), sr_or_kv.weight.grad.clone()))
+        for folded, plain in zip(*grads):
+            assert torch.allclose(folded, plain, atol=1e-4, rtol=1e-4)
+        assert grads[0][1].abs().sum() > 0
+
+
+def test_prepared_weights_follow_parameter_updates():
+    from dit_mm.sparse_ops import prepared
+    lin = torch.nn.Linear(4, 4)
+    calls = []
+
+    def double(w):
+        calls.append(1)
+        return w * 2
+    with torch.no_grad():
+        first = prepared(lin, 'w2', double, lin.weight)
+        assert prepared(lin, 'w2', double, lin.weight) is first and len(calls) == 1
+        lin.weight.add_(1.0)  # in-place update (optimiser step, load_state_dict)
+        again = prepared(lin, 'w2', double, lin.weight)
+    assert len(calls) == 2 and torch.allclose(again, lin.weight * 2)
+    assert prepared(lin, 'w2', double, lin.weight).requires_grad  # autograd: never cached
+    assert len(calls) == 3
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    """In a child process: the setting lasts for the process."""
+    import platform
+    import subprocess
+    import sys
+    if platform.libc_ver()[0] != 'glibc':
+        pytest.skip('glibc malloc only')
+    code = 'from dit_mm.runtime import keep_freed_memory; print(keep_freed_memory())'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[-1] == 'True'
+
+
+def test_linear_matches_f_linear_with_gradients():
+    from dit_mm.blocks import linear, onednn_applies
+    x = torch.randn(3, 300, 96, requires_grad=True)  # above the oneDNN size
+    w = torch.randn(160, 96, requires_grad=True)
+    b = torch.randn(160, requires_grad=True)
+    assert onednn_applies(x) == torch.backends.mkldnn.is_available()
+    y = linear(x, w, b)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+    for a, r in zip(grads, ref_grads):
+        assert torch.allclose(a, r, atol=1e-3, rtol=1e-4)
+
+
+def test_padded_rows_bound_the_shapes_and_the_waste():
+    from dit_mm.blocks import padded_rows
+    sizes = [padded_rows(k) for k in range(1, 20000)]
+    assert all(k <= p <= max(k, 1.125 * k) for k, p in zip(range(1, 20000), sizes))
+    octave = {p for k, p in zip(range(1, 20000), sizes) if 4096 <= k < 8192}
+    assert len(octave) <= 9
+
+
+def test_padded_packed_path_equals_the_unpadded_one(monkeypatch):
+    """Large enough for oneDNN and row padding (K ~ 900 of 1728 tokens)."""
+    from dit_mm import blocks
+    stage = RoutedStage(dim=64, depth=2, num_heads=2, sr_ratio=2, mlp_ratio=4).eval()
+    for p in stage.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    x = torch.randn(3, 24 * 24, 64)
+    keep = torch.rand(3, 576) < torch.tensor([[0.2], [0.5], [0.9]])
+    from dit_mm import sparse_ops
+    if not (sparse_ops.extension_available() and torch.backends.mkldnn.is_available()):
+        pytest.skip('padding applies with the C++ kernel and oneDNN only')
+    bucket = blocks.padded_rows
+    assert bucket(int(keep.sum())) > int(keep.sum())
+    seen = []
+    monkeypatch.setattr(blocks, 'padded_rows', lambda k: seen.append(k) or bucket(k))
+    with torch.no_grad():
+        padded = stage.forward_sparse(x, (24, 24), keep)
+    assert seen == [int(keep.sum())]
+    with torch.no_grad():
+        monkeypatch.setattr(blocks, 'padded_rows', lambda k: k)
+        plain = stage.forward_sparse(x, (24, 24), keep)
+        masked = stage.forward_masked(x, (24, 24), keep.float())
+    assert torch.allclose(padded, plain, atol=1e-5)
+    assert torch.allclose(padded, masked, atol=1e-4)
+    assert torch.equal(padded[~keep], x[~keep])

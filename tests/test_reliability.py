@@ -90,6 +90,25 @@ def test_resume_continues_exactly(toy_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_test_tool_metrics_do_not_depend_on_the_allocator(toy_root, tmp_path):
+    """tools/test.py evaluates a trained checkpoint and writes its metrics;
+    ``--keep-freed-memory`` changes speed, not results."""
+    cfg = _seg_cfg(toy_root, tmp_path, iters=2)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=2, by_epoch=False)
+    path = _write_cfg(cfg, tmp_path / 'evaluate.py')
+    _run([sys.executable, 'tools/train.py', str(path), '--work-dir', str(tmp_path)], timeout=600)
+    results = []
+    for extra in ([], ['--keep-freed-memory']):
+        out = tmp_path / f'metrics{len(extra)}.json'
+        _run([sys.executable, 'tools/test.py', str(path), str(tmp_path / 'iter_2.pth'),
+              '--work-dir', str(tmp_path / 'test'), '--metrics-json', str(out)] + extra,
+             timeout=600)
+        results.append(json.loads(out.read_text()))
+    assert 'mIoU' in results[0] and all(math.isfinite(v) for v in results[0].values())
+    assert results[0] == results[1]
+
+
+@pytest.mark.slow
 def test_cpu_amp_bf16_training(toy_root, tmp_path):
     cfg = _seg_cfg(toy_root, tmp_path, iters=6)
     path = _write_cfg(cfg, tmp_path / 'amp.py')
