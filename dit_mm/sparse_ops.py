@@ -229,5 +229,6 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d
         gelu: Apply the exact (erf) GELU after the conv.
     """
     weight, bias = prepared(conv, 'taps', _taps, conv.weight, conv.bias)
-    out = _extension().dwconv(h.contiguous(), nbr, weight, bias)
+    with torch.profiler.record_function('dit::sparse_dwconv'):
+        out = _extension().dwconv(h.contiguous(), nbr, weight, bias)
     return F.gelu(out) if gelu else out

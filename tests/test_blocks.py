@@ -195,3 +195,20 @@ def test_padded_packed_path_equals_the_unpadded_one(monkeypatch):
     assert torch.allclose(padded, plain, atol=1e-5)
     assert torch.allclose(padded, masked, atol=1e-4)
     assert torch.equal(padded[~keep], x[~keep])
+
+
+def test_mostly_kept_nodes_compute_densely_with_the_same_values():
+    stage = _stage()
+    x = torch.randn(2, 64, 32)
+    keep = torch.rand(2, 64) < 0.9
+    assert keep.float().mean() > stage.dense_above
+    calls = []
+    masked = stage.forward_masked
+    stage.forward_masked = lambda *a: calls.append(1) or masked(*a)
+    with torch.no_grad():
+        dense = stage.forward_sparse(x, (8, 8), keep)
+        stage.dense_above = 1.0
+        packed = stage.forward_sparse(x, (8, 8), keep)
+    assert calls == [1]  # only the first call took the dense route
+    assert torch.allclose(dense, packed, atol=1e-5)
+    assert torch.equal(dense[~keep], x[~keep])
