@@ -205,8 +205,9 @@ def profile_overhead(size: int, batch: int, ratio: float) -> dict:
     scopes = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()
               if e.key.startswith('dit::')}
     share = {k: v / t for k, v in scopes.items()}
+    overhead = ('dit::gate', 'dit::gather', 'dit::scatter')  # dit::sparse_dwconv is compute
     return dict(size=size, batch=batch, keep_ratio=ratio, backbone_s=t, scope_s=scopes,
-                share=share, total_share=sum(share.values()))
+                share=share, total_share=sum(v for k, v in share.items() if k in overhead))
 
 
 def _mask_rcnn(backbone: dict, in_channels: List[int]):
@@ -393,7 +394,7 @@ def print_table(res: dict) -> None:
     for p in res['profile']:
         parts = ', '.join(f'{k} {v * 100:.1f}%' for k, v in p['share'].items())
         print(f'- {p["size"]}², batch {p["batch"]}, r={p["keep_ratio"]}: '
-              f'{p["total_share"] * 100:.1f}% ({parts})')
+              f'{p["total_share"] * 100:.1f}% gate+gather+scatter ({parts})')
     if 'mask_rcnn' in res:
         m = res['mask_rcnn']
         print(f'\n## Mask R-CNN eval forward {m["size"]}²: DiT-b2 / PVTv2-b2 = '

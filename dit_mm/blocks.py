@@ -85,6 +85,22 @@ class RoutedStage(nn.Module):
         h = self.norm(h)
         return x0 + mask.unsqueeze(-1).to(h.dtype) * (h - x0)
 
+    def _forward_held(self, x: torch.Tensor, hw: Tuple[int, int],
+                      skipped: torch.Tensor) -> torch.Tensor:
+        """Inference: dense blocks, with the flat token rows ``skipped`` put
+        back to their input after every block and zeroed in every hidden map
+        (in place: costs only the skipped rows). Equals
+        :meth:`forward_masked` for the same gate."""
+        B, N, C = x.shape
+        held = x.reshape(B * N, C).index_select(0, skipped)
+        h = x
+        for blk in self.blocks:
+            h = _block(blk, h, hw, skipped=skipped)
+            h.view(B * N, C).index_copy_(0, skipped, held)
+        h = self.norm(h)
+        h.view(B * N, C).index_copy_(0, skipped, held)
+        return h
+
     # ----------------------------------------------------------------- sparse
     def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],
                        keep: torch.Tensor) -> torch.Tensor:
@@ -111,7 +127,7 @@ class RoutedStage(nn.Module):
         if idx.numel() > self.dense_above * B * N and not torch.is_grad_enabled():
             # packing pays off below ~70 % kept (benchmarks/bench_backbone.py);
             # above, dense compute with held tokens gives the same values
-            return self.forward_masked(x, hw, keep.to(x.dtype))
+            return self._forward_held(x, hw, (~keep).reshape(-1).nonzero().squeeze(1))
         K = idx.numel()
         with record_function('dit::gather'):
             counts = keep.sum(dim=1).tolist()
@@ -125,7 +141,8 @@ class RoutedStage(nn.Module):
             with record_function('dit::gather'):
                 nbr = neighbour_table(idx, B, hw, rows=rows)
                 t = F.pad(t, (0, 0, 0, rows - K))
-            mlp = partial(_mlp_packed_kernel, nbr=nbr)
+            hidden = t.new_empty(rows, self.blocks[0].mlp.fc1.out_features)
+            mlp = partial(_mlp_packed_kernel, nbr=nbr, hidden=hidden)
         else:
             # dense depthwise conv on a hidden map that is zero at skipped
             # positions; every block writes the same rows, so it is zeroed once
@@ -224,11 +241,13 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _block(blk: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
-           hard: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """timm's PVTv2 ``Block`` on all tokens; with ``hard (B, N, 1)`` the MLP's
-    hidden map is zeroed where ``hard == 0`` before the depthwise conv."""
+           hard: Optional[torch.Tensor] = None,
+           skipped: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """timm's PVTv2 ``Block`` on all tokens; the MLP's hidden map is zeroed
+    where ``hard (B, N, 1) == 0`` (differentiable) or, in place, at the flat
+    token rows ``skipped`` (inference), before the depthwise conv."""
     x = x + blk.drop_path1(_attention(blk.attn, blk.norm1(x), hw))
-    return x + blk.drop_path2(_mlp(blk.mlp, blk.norm2(x), hw, hard))
+    return x + blk.drop_path2(_mlp(blk.mlp, blk.norm2(x), hw, hard, skipped))
 
 
 def _keys_values(attn: nn.Module, x: torch.Tensor, hw: Tuple[int, int]
@@ -252,11 +271,15 @@ def _attention(attn: nn.Module, x: torch.Tensor, hw: Tuple[int, int]) -> torch.T
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
-         hard: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """timm's ``MlpWithDepthwiseConv``, optionally with a zeroed hidden map."""
+         hard: Optional[torch.Tensor] = None,
+         skipped: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """timm's ``MlpWithDepthwiseConv``, optionally with a zeroed hidden map
+    (see :func:`_block`)."""
     h = _linear(mlp.fc1, x)
     if hard is not None:
         h = h * hard
+    if skipped is not None:
+        h.view(-1, h.shape[-1]).index_fill_(0, skipped, 0.0)
     h = map_to_tokens(mlp.dwconv(mlp.relu(tokens_to_map(h, hw))))
     return mlp.drop(_linear(mlp.fc2, mlp.drop(mlp.act(h))))
 
@@ -357,9 +380,12 @@ def _fusable(mlp: nn.Module) -> bool:
             and mlp.dwconv.groups == mlp.dwconv.in_channels)
 
 
-def _mlp_packed_kernel(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
-    """MLP of packed tokens with the fused sparse depthwise conv + GELU."""
-    return _linear(mlp.fc2, sparse_dwconv_gelu(_linear(mlp.fc1, t), nbr, mlp.dwconv))
+def _mlp_packed_kernel(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor,
+                       hidden: torch.Tensor) -> torch.Tensor:
+    """MLP of packed tokens with the sparse depthwise conv + GELU, written
+    into the stage's ``hidden`` buffer."""
+    h = sparse_dwconv_gelu(_linear(mlp.fc1, t), nbr, mlp.dwconv, out=hidden)
+    return _linear(mlp.fc2, h)
 
 
 def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],

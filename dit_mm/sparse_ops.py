@@ -33,10 +33,14 @@ _CPP = r'''
 #include <ATen/Parallel.h>
 
 // out[k] = bias + sum_t w[t] * h[nbr[k, t]]  (rows with nbr = -1 read as zero)
-torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch::Tensor b) {
+// out: a (K, C) float buffer to write into (reused across blocks: a fresh
+// buffer of this size is page-faulted in on every call).
+torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch::Tensor b,
+                     torch::Tensor out) {
   TORCH_CHECK(h.is_contiguous() && nbr.is_contiguous() && w.is_contiguous() && b.is_contiguous());
   const int64_t K = h.size(0), C = h.size(1);
-  auto out = torch::empty_like(h);
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == K && out.size(1) == C &&
+              out.scalar_type() == h.scalar_type() && nbr.size(0) == K);
   const float* __restrict__ hp = h.data_ptr<float>();
   const int64_t* __restrict__ np = nbr.data_ptr<int64_t>();
   const float* __restrict__ wp = w.data_ptr<float>();
@@ -106,7 +110,7 @@ def _extension():
         if _ext is None and not _ext_failed:
             try:
                 from torch.utils.cpp_extension import load_inline
-                _ext = load_inline(name=f'dit_mm_sparse_ops_v4_{_cpu_tag()}', cpp_sources=_CPP,
+                _ext = load_inline(name=f'dit_mm_sparse_ops_v5_{_cpu_tag()}', cpp_sources=_CPP,
                                    functions=['dwconv', 'neighbours'],
                                    extra_cflags=['-O3', '-march=native'], verbose=False)
             except Exception as exc:  # no compiler, no headers: fall back, but say so
@@ -218,7 +222,7 @@ def _taps(weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d,
-                       gelu: bool = True) -> torch.Tensor:
+                       gelu: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``GELU(dwconv3x3(hidden))`` at the kept tokens (C++ kernel; check
     :func:`kernel_applies` first).
 
@@ -226,9 +230,13 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d
         h: Packed hidden rows ``(K, C)`` of the kept tokens.
         nbr: Neighbour table from :func:`neighbour_table`.
         conv: The depthwise ``Conv2d(C, C, 3, padding=1, groups=C)``.
-        gelu: Apply the exact (erf) GELU after the conv.
+        gelu: Apply the exact (erf) GELU after the conv (in place).
+        out: Optional ``(K, C)`` buffer for the result (overwritten), so that
+            the blocks of a stage reuse one buffer.
     """
     weight, bias = prepared(conv, 'taps', _taps, conv.weight, conv.bias)
+    if out is None or out.shape != h.shape:
+        out = torch.empty_like(h)
     with torch.profiler.record_function('dit::sparse_dwconv'):
-        out = _extension().dwconv(h.contiguous(), nbr, weight, bias)
-    return F.gelu(out) if gelu else out
+        out = _extension().dwconv(h.contiguous(), nbr, weight, bias, out)
+    return torch.ops.aten.gelu_(out) if gelu else out

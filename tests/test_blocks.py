@@ -203,12 +203,14 @@ def test_mostly_kept_nodes_compute_densely_with_the_same_values():
     keep = torch.rand(2, 64) < 0.9
     assert keep.float().mean() > stage.dense_above
     calls = []
-    masked = stage.forward_masked
-    stage.forward_masked = lambda *a: calls.append(1) or masked(*a)
+    held = stage._forward_held
+    stage._forward_held = lambda *a: calls.append(1) or held(*a)
     with torch.no_grad():
         dense = stage.forward_sparse(x, (8, 8), keep)
+        masked = stage.forward_masked(x, (8, 8), keep.float())
         stage.dense_above = 1.0
         packed = stage.forward_sparse(x, (8, 8), keep)
     assert calls == [1]  # only the first call took the dense route
     assert torch.allclose(dense, packed, atol=1e-5)
+    assert torch.allclose(dense, masked, atol=1e-5)
     assert torch.equal(dense[~keep], x[~keep])
