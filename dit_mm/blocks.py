@@ -134,14 +134,10 @@ class RoutedStage(nn.Module):
             base = x.reshape(B * N, C)
             t = base.index_select(0, idx)
         if kernel_applies(t) and all(_fusable(blk.mlp) for blk in self.blocks):
-            # depthwise conv + GELU at the kept tokens only (dit_mm.sparse_ops);
-            # rows padded to a bucket size so that oneDNN reuses its GEMM
-            # kernels across images (padding rows are never read back)
-            rows = padded_rows(K) if onednn_applies(t) else K
+            # depthwise conv + GELU at the kept tokens only (dit_mm.sparse_ops)
             with record_function('dit::gather'):
-                nbr = neighbour_table(idx, B, hw, rows=rows)
-                t = F.pad(t, (0, 0, 0, rows - K))
-            hidden = t.new_empty(rows, self.blocks[0].mlp.fc1.out_features)
+                nbr = neighbour_table(idx, B, hw)
+            hidden = t.new_empty(K, self.blocks[0].mlp.fc1.out_features)
             mlp = partial(_mlp_packed_kernel, nbr=nbr, hidden=hidden)
         else:
             # dense depthwise conv on a hidden map that is zero at skipped
@@ -161,17 +157,17 @@ class RoutedStage(nn.Module):
             if normed is not None:
                 t_hat = F.layer_norm(t, (C,), eps=eps)
                 with record_function('dit::scatter'):
-                    normed = _write_rows(normed, idx, t_hat[:K])
+                    normed = _write_rows(normed, idx, t_hat)
                 q_in = torch.addcmul(blk.norm1.bias, t_hat, blk.norm1.weight)
                 k, v = kv_fn(blk.attn, blk.norm1, normed.view(B, N, C))
             else:
                 with record_function('dit::scatter'):
-                    full = base.index_copy(0, idx, t[:K]).view(B, N, C)
+                    full = base.index_copy(0, idx, t).view(B, N, C)
                 q_in = blk.norm1(t)
                 k, v = _keys_values(blk.attn, blk.norm1(full), hw)
             t = t + _attention_packed(blk.attn, q_in, k, v, counts)
             t = t + mlp(blk.mlp, blk.norm2(t))
-        t = self.norm(t[:K])
+        t = self.norm(t)
         with record_function('dit::scatter'):
             return base.index_copy(0, idx, t).view(B, N, C)
 
@@ -220,19 +216,6 @@ def onednn_applies(x: torch.Tensor) -> bool:
     batch 1 through its own im2col path, slower than ``F.linear``)."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and x.numel() > 20480
             and torch.backends.mkldnn.is_available())
-
-
-def padded_rows(k: int) -> int:
-    """``k`` rounded up to one of 8 sizes per octave (at most 12.5 % more).
-
-    oneDNN compiles a kernel per GEMM shape (~0.3 ms here for a new one) and
-    caches it; the packed token count changes with every image, so packed
-    tensors are padded to these sizes to keep the set of shapes small.
-    """
-    if k < 64:
-        return k
-    step = 1 << (k.bit_length() - 4)
-    return -(-k // step) * step
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -349,7 +332,6 @@ def _attention_packed(attn: nn.Module, q_in: torch.Tensor, k: torch.Tensor,
     heads, hd = attn.num_heads, attn.head_dim
     q = _linear(attn.q, q_in)
     out = torch.empty_like(q)
-    out[sum(counts):].zero_()  # padding rows
     start = 0
     for b, n in enumerate(counts):
         if n == 0:

@@ -23,7 +23,6 @@ import threading
 from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
-import torch.nn.functional as F
 from mmengine.logging import print_log
 
 T = TypeVar('T')
@@ -63,13 +62,11 @@ torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch:
 }
 
 // Packed rows of the 3x3 neighbours of the kept tokens (see neighbour_table).
-// Rows K..rows-1 (padding) get no neighbours.
-torch::Tensor neighbours(torch::Tensor idx, int64_t batch, int64_t H, int64_t W, int64_t rows) {
+torch::Tensor neighbours(torch::Tensor idx, int64_t batch, int64_t H, int64_t W) {
   TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == torch::kLong);
   const int64_t K = idx.size(0), n = H * W;
-  TORCH_CHECK(rows >= K, "rows < number of kept tokens");
   auto packed = torch::full({batch * n}, -1, idx.options());
-  auto out = torch::full({rows, 9}, -1, idx.options());
+  auto out = torch::empty({K, 9}, idx.options());
   const int64_t* __restrict__ ip = idx.data_ptr<int64_t>();
   int64_t* __restrict__ pp = packed.data_ptr<int64_t>();
   int64_t* __restrict__ op = out.data_ptr<int64_t>();
@@ -110,7 +107,7 @@ def _extension():
         if _ext is None and not _ext_failed:
             try:
                 from torch.utils.cpp_extension import load_inline
-                _ext = load_inline(name=f'dit_mm_sparse_ops_v5_{_cpu_tag()}', cpp_sources=_CPP,
+                _ext = load_inline(name=f'dit_mm_sparse_ops_v6_{_cpu_tag()}', cpp_sources=_CPP,
                                    functions=['dwconv', 'neighbours'],
                                    extra_cflags=['-O3', '-march=native'], verbose=False)
             except Exception as exc:  # no compiler, no headers: fall back, but say so
@@ -139,8 +136,7 @@ def extension_available() -> bool:
     return _extension() is not None
 
 
-def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int],
-                    rows: Optional[int] = None) -> torch.Tensor:
+def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int]) -> torch.Tensor:
     """Packed-row indices ``(K, 9)`` of the 3x3 neighbours of the kept tokens.
 
     Args:
@@ -148,18 +144,14 @@ def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int],
             tokens (their packed order).
         batch: Batch size.
         hw: ``(H, W)``.
-        rows: Table rows, ``>= K`` (default ``K``); rows past ``K`` are
-            padding rows without neighbours.
 
     Returns:
-        ``int64 (rows, 9)``, row-major taps ``(dy, dx)`` in ``{-1, 0, 1}^2``;
+        ``int64 (K, 9)``, row-major taps ``(dy, dx)`` in ``{-1, 0, 1}^2``;
         ``-1`` where the neighbour is skipped or outside the image.
     """
-    rows = idx.numel() if rows is None else rows
     if idx.device.type == 'cpu' and _extension() is not None:
-        return _extension().neighbours(idx.contiguous(), batch, hw[0], hw[1], rows)
-    table = neighbour_table_reference(idx, batch, hw)
-    return F.pad(table, (0, 0, 0, rows - idx.numel()), value=-1)
+        return _extension().neighbours(idx.contiguous(), batch, hw[0], hw[1])
+    return neighbour_table_reference(idx, batch, hw)
 
 
 def neighbour_table_reference(idx: torch.Tensor, batch: int, hw: Tuple[int, int]

@@ -162,39 +162,21 @@ def test_linear_matches_f_linear_with_gradients():
         assert torch.allclose(a, r, atol=1e-3, rtol=1e-4)
 
 
-def test_padded_rows_bound_the_shapes_and_the_waste():
-    from dit_mm.blocks import padded_rows
-    sizes = [padded_rows(k) for k in range(1, 20000)]
-    assert all(k <= p <= max(k, 1.125 * k) for k, p in zip(range(1, 20000), sizes))
-    octave = {p for k, p in zip(range(1, 20000), sizes) if 4096 <= k < 8192}
-    assert len(octave) <= 9
-
-
-def test_padded_packed_path_equals_the_unpadded_one(monkeypatch):
-    """Large enough for oneDNN and row padding (K ~ 900 of 1728 tokens)."""
-    from dit_mm import blocks
+def test_large_packed_path_with_onednn_gemms_matches_the_masked_path():
+    """Large enough for the oneDNN GEMMs (K ~ 900 of 1728 tokens, C = 64)."""
+    from dit_mm.blocks import onednn_applies
     stage = RoutedStage(dim=64, depth=2, num_heads=2, sr_ratio=2, mlp_ratio=4).eval()
     for p in stage.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
     x = torch.randn(3, 24 * 24, 64)
     keep = torch.rand(3, 576) < torch.tensor([[0.2], [0.5], [0.9]])
-    from dit_mm import sparse_ops
-    if not (sparse_ops.extension_available() and torch.backends.mkldnn.is_available()):
-        pytest.skip('padding applies with the C++ kernel and oneDNN only')
-    bucket = blocks.padded_rows
-    assert bucket(int(keep.sum())) > int(keep.sum())
-    seen = []
-    monkeypatch.setattr(blocks, 'padded_rows', lambda k: seen.append(k) or bucket(k))
+    assert onednn_applies(x.reshape(-1, 64)[keep.reshape(-1)]) == \
+        torch.backends.mkldnn.is_available()
     with torch.no_grad():
-        padded = stage.forward_sparse(x, (24, 24), keep)
-    assert seen == [int(keep.sum())]
-    with torch.no_grad():
-        monkeypatch.setattr(blocks, 'padded_rows', lambda k: k)
-        plain = stage.forward_sparse(x, (24, 24), keep)
+        sparse = stage.forward_sparse(x, (24, 24), keep)
         masked = stage.forward_masked(x, (24, 24), keep.float())
-    assert torch.allclose(padded, plain, atol=1e-5)
-    assert torch.allclose(padded, masked, atol=1e-4)
-    assert torch.equal(padded[~keep], x[~keep])
+    assert torch.allclose(sparse, masked, atol=1e-4)
+    assert torch.equal(sparse[~keep], x[~keep])
 
 
 def test_mostly_kept_nodes_compute_densely_with_the_same_values():
