@@ -26,6 +26,7 @@ from .grid import (
     node_key,
     resolve_arch,
 )
+from .onednn import conv2d
 
 KeepRatio = Union[None, float, Sequence[float]]
 
@@ -271,7 +272,7 @@ class DiT(BaseModule):
         sizes = feature_sizes(H, W)
         rec = RoutingRecord(size=(H, W), batch=B, device=x.device)
         maps: List[Optional[torch.Tensor]] = [None] * NUM_SCALES
-        maps[0] = self.stem(x).reshape(B, -1, self.spec.embed_dims[0])
+        maps[0] = _patch_embed(self.stem, x).reshape(B, -1, self.spec.embed_dims[0])
         ones = x.new_ones(B, dtype=torch.float32)
         rec.embeds[(0, 0)] = (ones, ones)
         for j in range(NUM_SCALES):
@@ -295,7 +296,7 @@ class DiT(BaseModule):
                              f'(one token at stride 32); got {tuple(x.shape[2:])}')
 
     def _embed(self, key: str, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        y = self.embeds[key](tokens_to_map(x, hw))  # timm's embedding returns NHWC
+        y = _patch_embed(self.embeds[key], tokens_to_map(x, hw))
         return y.reshape(x.shape[0], -1, y.shape[-1])
 
     @property
@@ -508,3 +509,9 @@ def _init_pvt_module(m: nn.Module) -> None:
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def _patch_embed(embed: OverlapPatchEmbed, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``OverlapPatchEmbed`` (conv, then LayerNorm on NHWC), with the
+    conv's weight reordered once at inference (:func:`dit_mm.onednn.conv2d`)."""
+    return embed.norm(conv2d(embed.proj, x).permute(0, 2, 3, 1))

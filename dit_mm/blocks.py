@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
 from torch.profiler import record_function
 
-from .sparse_ops import kernel_applies, neighbour_table, prepared, sparse_dwconv_gelu
+from .onednn import conv2d, linear, prepared
+from .onednn import linear_module as _linear
+from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu
 
 #: :meth:`RoutedStage.forward_sparse` computes densely (with skipped tokens
 #: held, same values) when more than this fraction of a node's tokens is kept:
@@ -188,41 +190,6 @@ def map_to_tokens(y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor,
-           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear`` that runs float32 CPU GEMMs through oneDNN.
-
-    On the CPU, ``F.linear`` calls MKL, which takes its AVX2 path on non-Intel
-    processors; oneDNN's 1x1 convolution on a channels-last ``(1, C, M, 1)``
-    view of the rows is the same product with AVX-512 kernels. On this
-    machine (AMD EPYC, 2 threads) it ran 2.2x faster: 0.44 vs 0.98 ms for
-    3136x64 @ 64x512, 0.45 vs 0.67 ms for 49x512 @ 512x2048. Autograd goes
-    through the convolution's backward. Other devices and dtypes, and builds
-    without oneDNN, use ``F.linear``.
-    """
-    if not onednn_applies(x):
-        return F.linear(x, weight, bias)
-    lead, c_in = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, c_in)
-    m = rows.shape[0]
-    y = F.conv2d(rows.view(1, m, 1, c_in).permute(0, 3, 1, 2),
-                 weight.view(weight.shape[0], c_in, 1, 1), bias)
-    return y.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
-
-
-def onednn_applies(x: torch.Tensor) -> bool:
-    """Whether :func:`linear` sends ``x`` to oneDNN: float32 CPU tensors of
-    more than 20480 elements (below that PyTorch runs a 1x1 convolution of
-    batch 1 through its own im2col path, slower than ``F.linear``)."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and x.numel() > 20480
-            and torch.backends.mkldnn.is_available())
-
-
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` through :func:`linear`."""
-    return linear(x, layer.weight, layer.bias)
-
-
 def _block(blk: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
            hard: Optional[torch.Tensor] = None,
            skipped: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -238,7 +205,7 @@ def _keys_values(attn: nn.Module, x: torch.Tensor, hw: Tuple[int, int]
     """Keys and values ``(B, heads, Nk, hd)`` from the (normed) full map."""
     B = x.shape[0]
     if attn.sr is not None:
-        x = attn.norm(map_to_tokens(attn.sr(tokens_to_map(x, hw))))
+        x = attn.norm(map_to_tokens(conv2d(attn.sr, tokens_to_map(x, hw))))
     kv = _linear(attn.kv, x).reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     return kv.unbind(0)
 
@@ -263,7 +230,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
         h = h * hard
     if skipped is not None:
         h.view(-1, h.shape[-1]).index_fill_(0, skipped, 0.0)
-    h = map_to_tokens(mlp.dwconv(mlp.relu(tokens_to_map(h, hw))))
+    h = map_to_tokens(conv2d(mlp.dwconv, mlp.relu(tokens_to_map(h, hw))))
     return mlp.drop(_linear(mlp.fc2, mlp.drop(mlp.act(h))))
 
 
@@ -298,12 +265,12 @@ def _keys_values_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tenso
     if attn.sr is not None:
         w, bias = prepared(attn, 'folded_sr', _fold_conv, attn.sr.weight, attn.sr.bias,
                            norm1.weight, norm1.bias)
-        y = F.conv2d(tokens_to_map(x_hat, hw), w, bias, stride=attn.sr.stride)
+        y = conv2d(attn.sr, tokens_to_map(x_hat, hw), w, bias, key='folded')
         kv = _linear(attn.kv, attn.norm(map_to_tokens(y)))
     else:
         w, bias = prepared(attn, 'folded_kv', _fold_linear, attn.kv.weight, attn.kv.bias,
                            norm1.weight, norm1.bias)
-        kv = linear(x_hat, w, bias)
+        kv = linear(x_hat, w, bias, owner=attn, key='folded_kv_packed')
     kv = kv.reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     return kv.unbind(0)
 
@@ -383,7 +350,7 @@ def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
         else:
             buffer.index_copy_(0, idx, h)
     B = buffer.shape[0] // (hw[0] * hw[1])
-    conv = mlp.dwconv(mlp.relu(tokens_to_map(buffer.view(B, -1, h.shape[1]), hw)))
+    conv = conv2d(mlp.dwconv, mlp.relu(tokens_to_map(buffer.view(B, -1, h.shape[1]), hw)))
     with record_function('dit::gather'):
         h = map_to_tokens(conv).reshape(buffer.shape).index_select(0, idx)
     return _linear(mlp.fc2, mlp.act(h))

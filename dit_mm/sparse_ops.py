@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Dict, Optional, Tuple, TypeVar
+from typing import Optional, Tuple
 
 import torch
 from mmengine.logging import print_log
 
-T = TypeVar('T')
+from .onednn import prepared
 
 _CPP = r'''
 #include <torch/extension.h>
@@ -172,30 +172,6 @@ def neighbour_table_reference(idx: torch.Tensor, batch: int, hw: Tuple[int, int]
             flat = b * n + yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)
             taps.append(torch.where(inside, packed[flat], torch.full_like(flat, -1)))
     return torch.stack(taps, dim=1).contiguous()
-
-
-def prepared(owner: torch.nn.Module, key: str, fn: Callable[..., T],
-             *params: Optional[torch.Tensor]) -> T:
-    """``fn(*params)``, cached on ``owner`` while ``params`` are unchanged.
-
-    For weights derived from parameters at inference (folded, transposed):
-    computing them per call costs a pass over the weights, as much as the
-    work they save on small maps. The cache is keyed on each tensor's storage
-    and version counter, so in-place updates (``load_state_dict``, optimiser
-    steps) and moves invalidate it; with autograd enabled nothing is cached,
-    so gradients reach the parameters.
-    """
-    if torch.is_grad_enabled():
-        return fn(*params)
-    stamp = tuple(None if p is None else (p.data_ptr(), p._version, p.dtype, p.device)
-                  for p in params)
-    cache: Dict[str, Tuple[tuple, T]] = owner.__dict__.setdefault('_dit_prepared', {})
-    hit = cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    value = fn(*params)
-    cache[key] = (stamp, value)
-    return value
 
 
 def kernel_applies(h: torch.Tensor) -> bool:

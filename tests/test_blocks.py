@@ -116,7 +116,7 @@ def test_folded_norm_path_matches_the_plain_path_with_gradients(monkeypatch):
 
 
 def test_prepared_weights_follow_parameter_updates():
-    from dit_mm.sparse_ops import prepared
+    from dit_mm.onednn import prepared
     lin = torch.nn.Linear(4, 4)
     calls = []
 
@@ -147,7 +147,7 @@ def test_keep_freed_memory_takes_effect_on_glibc():
 
 
 def test_linear_matches_f_linear_with_gradients():
-    from dit_mm.blocks import linear, onednn_applies
+    from dit_mm.onednn import linear, onednn_applies
     x = torch.randn(3, 300, 96, requires_grad=True)  # above the oneDNN size
     w = torch.randn(160, 96, requires_grad=True)
     b = torch.randn(160, requires_grad=True)
@@ -164,7 +164,7 @@ def test_linear_matches_f_linear_with_gradients():
 
 def test_large_packed_path_with_onednn_gemms_matches_the_masked_path():
     """Large enough for the oneDNN GEMMs (K ~ 900 of 1728 tokens, C = 64)."""
-    from dit_mm.blocks import onednn_applies
+    from dit_mm.onednn import onednn_applies
     stage = RoutedStage(dim=64, depth=2, num_heads=2, sr_ratio=2, mlp_ratio=4).eval()
     for p in stage.parameters():
         torch.nn.init.normal_(p, 0, 0.1)

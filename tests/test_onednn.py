@@ -1,0 +1,104 @@
+"""oneDNN GEMMs / convolutions with weights reordered once (dit_mm.onednn)."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dit_mm import onednn
+from dit_mm.onednn import conv2d, linear, linear_module, packed_applies, packed_ops_available
+
+needs_packed = pytest.mark.skipif(not packed_ops_available(),
+                                  reason='oneDNN reordered-weight ops not in this build')
+
+
+@needs_packed
+@pytest.mark.parametrize('rows', [1, 7, 49, 300])
+@pytest.mark.parametrize('bias', [True, False])
+def test_packed_linear_equals_f_linear(rows, bias):
+    layer = nn.Linear(96, 160, bias=bias)
+    x = torch.randn(rows, 96)
+    with torch.no_grad():
+        assert packed_applies(x)
+        y = linear_module(layer, x)
+        y3 = linear_module(layer, x.view(1, rows, 96))  # leading dims kept
+        yt = linear_module(layer, torch.randn(96, rows).t())  # strided input
+    ref = F.linear(x, layer.weight, layer.bias).detach()
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+    assert y3.shape == (1, rows, 160) and torch.allclose(y3[0], ref, atol=1e-4, rtol=1e-4)
+    assert yt.shape == (rows, 160) and torch.isfinite(yt).all()
+
+
+@needs_packed
+@pytest.mark.parametrize('spec', [
+    dict(cin=32, cout=48, k=2, stride=2, padding=0, groups=1, hw=(14, 10)),  # SR conv
+    dict(cin=3, cout=16, k=7, stride=4, padding=3, groups=1, hw=(33, 47)),  # stem
+    dict(cin=64, cout=64, k=3, stride=1, padding=1, groups=64, hw=(9, 9)),  # depthwise
+])
+def test_packed_conv_equals_the_module(spec):
+    conv = nn.Conv2d(spec['cin'], spec['cout'], spec['k'], spec['stride'], spec['padding'],
+                     groups=spec['groups'])
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(2, spec['cin'], *spec['hw']).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            y = conv2d(conv, x)
+            ref = conv(x)
+            w2 = conv.weight * 0.5  # explicit weight/bias under their own key
+            y2 = conv2d(conv, x, w2, conv.bias, key='half')
+            ref2 = F.conv2d(x, w2, conv.bias, conv.stride, conv.padding, groups=conv.groups)
+        assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(y2, ref2, atol=1e-4, rtol=1e-4)
+
+
+@needs_packed
+def test_reordered_weights_follow_updates_and_stay_out_of_copies():
+    layer = nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = linear_module(layer, x)
+        layer.load_state_dict({'weight': torch.randn(8, 16), 'bias': torch.zeros(8)})
+        after = linear_module(layer, x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, F.linear(x, layer.weight, layer.bias).detach(), atol=1e-5)
+    # the cache is outside the module: deep copies and pickles never see it
+    clone = copy.deepcopy(layer)
+    pickle.dumps(layer)
+    with torch.no_grad():
+        assert torch.allclose(linear_module(clone, x), after)
+
+
+def test_autograd_and_tracing_use_plain_aten_ops():
+    layer = nn.Linear(16, 8)
+    x = torch.randn(5, 16, requires_grad=True)
+    assert not packed_applies(x)  # autograd on
+    linear_module(layer, x).sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return linear_module(self.layer, t)
+    with torch.no_grad():
+        traced = torch.jit.trace(Wrapped(), torch.randn(5, 16))
+    graph = str(traced.graph)
+    assert 'mkldnn::' not in graph and ('aten::linear' in graph or 'aten::_convolution' in graph)
+
+
+def test_switch_off_by_environment(monkeypatch):
+    monkeypatch.setenv('DIT_MM_NO_PACKED', '1')
+    onednn.packed_ops_available.cache_clear()
+    try:
+        with torch.no_grad():
+            assert not packed_applies(torch.randn(3, 4))
+            layer = nn.Linear(4, 2)
+            x = torch.randn(3, 4)
+            assert torch.allclose(linear(x, layer.weight, layer.bias, owner=layer),
+                                  layer(x), atol=1e-6)
+    finally:
+        monkeypatch.delenv('DIT_MM_NO_PACKED')
+        onednn.packed_ops_available.cache_clear()
