@@ -107,9 +107,13 @@ def _extension():
         if _ext is None and not _ext_failed:
             try:
                 from torch.utils.cpp_extension import load_inline
-                _ext = load_inline(name=f'dit_mm_sparse_ops_v6_{_cpu_tag()}', cpp_sources=_CPP,
+                # -fopenmp: at::parallel_for is a '#pragma omp parallel' in
+                # the header, so without it the kernel ran on one thread (the
+                # process already holds torch's libgomp, which this reuses)
+                _ext = load_inline(name=f'dit_mm_sparse_ops_v7_{_cpu_tag()}', cpp_sources=_CPP,
                                    functions=['dwconv', 'neighbours'],
-                                   extra_cflags=['-O3', '-march=native'], verbose=False)
+                                   extra_cflags=['-O3', '-march=native', '-fopenmp'],
+                                   extra_ldflags=['-fopenmp'], verbose=False)
             except Exception as exc:  # no compiler, no headers: fall back, but say so
                 _ext_failed = True
                 print_log(f'dit_mm: sparse depthwise-conv kernel unavailable ({exc}); '

@@ -92,6 +92,16 @@ def test_neighbour_table_kernel_matches_the_reference():
     assert (fast >= 0).any() and (fast == -1).any()
 
 
+def test_kernel_is_built_with_openmp():
+    """``at::parallel_for`` is an OpenMP pragma in the header: a build
+    without ``-fopenmp`` silently runs the kernel on one thread."""
+    from dit_mm import sparse_ops
+    if not sparse_ops.extension_available():
+        pytest.skip('no C++ compiler: only the reference exists here')
+    with open(sparse_ops._extension().__file__, 'rb') as f:
+        assert b'GOMP_parallel' in f.read()
+
+
 def test_folded_norm_path_matches_the_plain_path_with_gradients(monkeypatch):
     """The packed path folds norm1's affine into the SR conv / kv linear;
     values and parameter gradients equal the unfolded computation."""
