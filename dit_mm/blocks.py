@@ -35,8 +35,9 @@ from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu
 
 #: :meth:`RoutedStage.forward_sparse` computes densely (with skipped tokens
 #: held, same values) when more than this fraction of a node's tokens is kept:
-#: at 224² and 512² the packed path cost as much as the dense one at ~0.7-0.77.
-DENSE_ABOVE = 0.7
+#: at 224² and 512² (batch 1) the packed path cost as much as the dense one
+#: at ~0.85 kept (1.02 / 0.99 of dense) and 0.93 / 0.88 of it at 0.75.
+DENSE_ABOVE = 0.85
 
 
 class RoutedStage(nn.Module):
@@ -127,7 +128,7 @@ class RoutedStage(nn.Module):
         if idx.numel() == B * N:
             return self.forward_dense(x, hw)
         if idx.numel() > self.dense_above * B * N and not torch.is_grad_enabled():
-            # packing pays off below ~70 % kept (benchmarks/bench_backbone.py);
+            # packing pays off below ~85 % kept (benchmarks/bench_backbone.py);
             # above, dense compute with held tokens gives the same values
             return self._forward_held(x, hw, (~keep).reshape(-1).nonzero().squeeze(1))
         K = idx.numel()
@@ -230,8 +231,16 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
         h = h * hard
     if skipped is not None:
         h.view(-1, h.shape[-1]).index_fill_(0, skipped, 0.0)
-    h = map_to_tokens(conv2d(mlp.dwconv, mlp.relu(tokens_to_map(h, hw))))
-    return mlp.drop(_linear(mlp.fc2, mlp.drop(mlp.act(h))))
+    m = mlp.relu(tokens_to_map(h, hw))
+    if _exact_gelu(mlp.act):  # fused into the conv at inference
+        h = map_to_tokens(conv2d(mlp.dwconv, m, gelu=True))
+    else:
+        h = mlp.act(map_to_tokens(conv2d(mlp.dwconv, m)))
+    return mlp.drop(_linear(mlp.fc2, mlp.drop(h)))
+
+
+def _exact_gelu(act: nn.Module) -> bool:
+    return isinstance(act, nn.GELU) and act.approximate == 'none'
 
 
 def _foldable(blk: nn.Module, eps: float) -> bool:
@@ -323,9 +332,8 @@ def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _fusable(mlp: nn.Module) -> bool:
     """PVTv2's MLP as :func:`sparse_dwconv_gelu` computes it (no extra ReLU,
     exact GELU, 3x3 depthwise conv)."""
-    act = mlp.act
-    return (isinstance(mlp.relu, nn.Identity) and isinstance(act, nn.GELU)
-            and act.approximate == 'none' and mlp.dwconv.kernel_size == (3, 3)
+    return (isinstance(mlp.relu, nn.Identity) and _exact_gelu(mlp.act)
+            and mlp.dwconv.kernel_size == (3, 3)
             and mlp.dwconv.groups == mlp.dwconv.in_channels)
 
 

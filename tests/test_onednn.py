@@ -48,6 +48,8 @@ def test_packed_conv_equals_the_module(spec):
             w2 = conv.weight * 0.5  # explicit weight/bias under their own key
             y2 = conv2d(conv, x, w2, conv.bias, key='half')
             ref2 = F.conv2d(x, w2, conv.bias, conv.stride, conv.padding, groups=conv.groups)
+            fused = conv2d(conv, x, gelu=True)  # GELU as the conv's post-op
+        assert torch.allclose(fused, F.gelu(ref), atol=1e-4, rtol=1e-4)
         assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
         assert torch.allclose(y2, ref2, atol=1e-4, rtol=1e-4)
 
