@@ -142,17 +142,19 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
 
 
-def keep_freed_memory(max_chunk_mib: int = 32) -> bool:
+def keep_freed_memory() -> bool:
     """Tells glibc's ``malloc`` to keep freed memory for reuse (CPU inference).
 
     By default glibc serves large blocks with fresh ``mmap`` pages and returns
     freed heap tops to the kernel, so every forward page-faults its
     activations back in: at 224x224, batch 1, a DiT-b2 full-grid forward took
-    ~40k minor faults and ~25 % of its time in the kernel. This sets
-    ``M_MMAP_THRESHOLD`` to ``max_chunk_mib`` (glibc caps it at 32 MiB; larger
-    blocks are still mapped) and disables trimming, the runtime equivalent of
-    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``. The process then
-    keeps its peak heap.
+    ~40k minor faults and ~25 % of its time in the kernel. This serves every
+    block from the heap (``M_MMAP_MAX = 0``; raising ``M_MMAP_THRESHOLD``
+    alone is capped at 32 MiB, and a 512x512 stage-1 hidden map is just above
+    it: the dense grid then still took 0-12k faults per forward, varying
+    between processes) and disables trimming, the runtime equivalent of
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``. The process then keeps
+    its peak heap. Call it before the first large allocation.
 
     Returns:
         Whether both settings took effect (``False`` off glibc).
@@ -167,6 +169,6 @@ def keep_freed_memory(max_chunk_mib: int = 32) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    ok = mallopt(m_mmap_threshold, max_chunk_mib << 20) == 1
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    ok = mallopt(m_mmap_max, 0) == 1
     return bool(ok and mallopt(m_trim_threshold, 2 ** 31 - 1) == 1)
