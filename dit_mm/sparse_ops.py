@@ -31,11 +31,33 @@ _CPP = r'''
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-// out[k] = bias + sum_t w[t] * h[nbr[k, t]]  (rows with nbr = -1 read as zero)
+// erf(x) = x * P(x^2) / Q(x^2) on [-4, 4], +-1 beyond (max abs error
+// 3.6e-7 against double-precision erf); branch-free so that the row loop
+// vectorises (std::erf does not).
+static inline float erf_rational(float x) {
+  x = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// out[k] = bias + sum_t w[t] * h[nbr[k, t]]  (rows with nbr = -1 read as zero),
+// then the exact GELU if `gelu` (on the row while it is in L1).
 // out: a (K, C) float buffer to write into (reused across blocks: a fresh
 // buffer of this size is page-faulted in on every call).
 torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch::Tensor b,
-                     torch::Tensor out) {
+                     torch::Tensor out, bool gelu) {
   TORCH_CHECK(h.is_contiguous() && nbr.is_contiguous() && w.is_contiguous() && b.is_contiguous());
   const int64_t K = h.size(0), C = h.size(1);
   TORCH_CHECK(out.is_contiguous() && out.size(0) == K && out.size(1) == C &&
@@ -55,6 +77,11 @@ torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch:
         const float* __restrict__ src = hp + j * C;
         const float* __restrict__ wt = wp + t * C;
         for (int64_t c = 0; c < C; ++c) o[c] += wt[c] * src[c];
+      }
+      if (gelu) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          o[c] = 0.5f * o[c] * (1.0f + erf_rational(o[c] * 0.70710678118654752f));
       }
     }
   });
@@ -110,7 +137,7 @@ def _extension():
                 # -fopenmp: at::parallel_for is a '#pragma omp parallel' in
                 # the header, so without it the kernel ran on one thread (the
                 # process already holds torch's libgomp, which this reuses)
-                _ext = load_inline(name=f'dit_mm_sparse_ops_v7_{_cpu_tag()}', cpp_sources=_CPP,
+                _ext = load_inline(name=f'dit_mm_sparse_ops_v8_{_cpu_tag()}', cpp_sources=_CPP,
                                    functions=['dwconv', 'neighbours'],
                                    extra_cflags=['-O3', '-march=native', '-fopenmp'],
                                    extra_ldflags=['-fopenmp'], verbose=False)
@@ -202,7 +229,8 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d
         h: Packed hidden rows ``(K, C)`` of the kept tokens.
         nbr: Neighbour table from :func:`neighbour_table`.
         conv: The depthwise ``Conv2d(C, C, 3, padding=1, groups=C)``.
-        gelu: Apply the exact (erf) GELU after the conv (in place).
+        gelu: Apply the (erf) GELU after the conv, inside the kernel (a
+            rational erf, within 3.6e-7 of the exact one).
         out: Optional ``(K, C)`` buffer for the result (overwritten), so that
             the blocks of a stage reuse one buffer.
     """
@@ -210,5 +238,4 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d
     if out is None or out.shape != h.shape:
         out = torch.empty_like(h)
     with torch.profiler.record_function('dit::sparse_dwconv'):
-        out = _extension().dwconv(h.contiguous(), nbr, weight, bias, out)
-    return torch.ops.aten.gelu_(out) if gelu else out
+        return _extension().dwconv(h.contiguous(), nbr, weight, bias, out, gelu)

@@ -72,6 +72,32 @@ def test_sparse_kernel_matches_the_dense_conv_fallback(monkeypatch):
     assert torch.allclose(fused, fallback, atol=1e-5)
 
 
+
+def test_kernel_conv_and_gelu_match_torch_at_kept_tokens():
+    """The kernel's conv and its in-kernel GELU (rational erf) against
+    ``F.conv2d`` + exact ``F.gelu`` on a zero-filled map, with values far
+    beyond the erf clamp at +-4 and C not a multiple of the vector width."""
+    import torch.nn.functional as F
+
+    from dit_mm import sparse_ops
+    if not sparse_ops.extension_available():
+        pytest.skip('no C++ compiler: only the fallback path exists here')
+    B, H, W, C = 2, 7, 9, 37
+    conv = torch.nn.Conv2d(C, C, 3, padding=1, groups=C)
+    keep = torch.rand(B * H * W) < 0.6
+    idx = keep.nonzero().squeeze(1)
+    h = torch.randn(idx.numel(), C) * 6
+    full = torch.zeros(B * H * W, C).index_copy_(0, idx, h)
+    with torch.no_grad():
+        dense = conv(full.view(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        dense = dense.reshape(-1, C)[idx]
+        nbr = sparse_ops.neighbour_table(idx, B, (H, W))
+        plain = sparse_ops.sparse_dwconv_gelu(h, nbr, conv, gelu=False)
+        assert torch.allclose(plain, dense, atol=1e-4)
+        fused = sparse_ops.sparse_dwconv_gelu(h, nbr, conv, gelu=True)
+    assert dense.abs().max() > 8
+    assert torch.allclose(fused, F.gelu(dense), atol=1e-5 * dense.abs().max().item())
+
 def test_neighbour_table_marks_borders_and_skipped_tokens():
     from dit_mm.sparse_ops import neighbour_table
     keep = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool).reshape(-1)  # one 2x3 map
