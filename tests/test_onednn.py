@@ -71,6 +71,7 @@ def test_reordered_weights_follow_updates_and_stay_out_of_copies():
         assert torch.allclose(linear_module(clone, x), after)
 
 
+@pytest.mark.filterwarnings('ignore::FutureWarning', 'ignore::torch.jit.TracerWarning')
 def test_autograd_and_tracing_use_plain_aten_ops():
     layer = nn.Linear(16, 8)
     x = torch.randn(5, 16, requires_grad=True)
