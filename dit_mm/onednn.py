@@ -99,12 +99,14 @@ def packed_ops_available() -> bool:
 
 def packed_applies(x: torch.Tensor) -> bool:
     """Whether :func:`linear` / :func:`conv2d` use reordered weights for
-    ``x``: float32 CPU inference (no autograd) with the ops available, and
-    not under a tracer (FLOP counters and compilers read the plain ATen ops;
-    a reordered weight cannot be a traced constant)."""
+    ``x``: float32 CPU inference (no autograd) with the ops available, not
+    under CPU autocast (whose ops choose their own dtype) and not under a
+    tracer (FLOP counters and compilers read the plain ATen ops; a reordered
+    weight cannot be a traced constant)."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and packed_ops_available())
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and packed_ops_available())
 
 
 def _pack_linear(weight: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,8 @@ static inline float erf_rational(float x) {
 }
 
 // out[k] = bias + sum_t w[t] * h[nbr[k, t]]  (rows with nbr = -1 read as zero),
-// then the exact GELU if `gelu` (on the row while it is in L1).
+// then GELU(x) = x (1 + erf(x / sqrt 2)) / 2 if `gelu`, with erf_rational,
+// on the row while it is in L1.
 // out: a (K, C) float buffer to write into (reused across blocks: a fresh
 // buffer of this size is page-faulted in on every call).
 torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch::Tensor b,

@@ -76,6 +76,9 @@ def test_autograd_and_tracing_use_plain_aten_ops():
     layer = nn.Linear(16, 8)
     x = torch.randn(5, 16, requires_grad=True)
     assert not packed_applies(x)  # autograd on
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not packed_applies(x)  # autocast picks the dtypes
+        assert linear_module(layer, x).dtype == torch.bfloat16
     linear_module(layer, x).sum().backward()
     assert layer.weight.grad is not None and x.grad is not None
 
