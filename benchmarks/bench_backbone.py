@@ -151,7 +151,8 @@ def bench_backbones_per_allocator(modes: Sequence[str], sizes: Sequence[int],
     glibc serves large blocks with fresh pages and returns freed heap tops to
     the kernel, so by default every forward page-faults its activations back
     in; that costs the dense grid (larger activations) more than the packed
-    path. ``keep`` removes most of it (:func:`dit_mm.runtime.keep_freed_memory`).
+    path. ``keep`` removes it (:func:`dit_mm.runtime.keep_freed_memory`: no
+    page faults per forward in any variant here), so its rows are the fair ones.
     """
     ctx = mp.get_context('spawn')
     rows: List[dict] = []
