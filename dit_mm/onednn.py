@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 T = TypeVar('T')
 
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, Dict[str, Tuple[tuple, object]]] = \
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, Dict[str, Tuple[tuple, object, tuple]]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -49,10 +49,12 @@ def prepared(owner: nn.Module, key: str, fn: Callable[..., T],
     For weights derived from parameters at inference (folded, transposed,
     reordered): computing them per call costs a pass over the weights, as
     much as the work they save on small maps. The cache is keyed on each
-    tensor's storage and version counter, so in-place updates
-    (``load_state_dict``, optimiser steps) and moves invalidate it; with
-    autograd enabled nothing is cached, so gradients reach the parameters.
-    The cache lives outside ``owner`` and dies with it.
+    tensor's storage address and version counter, so in-place updates
+    (``load_state_dict``, optimiser steps) and replaced or moved tensors
+    invalidate it; the entry holds the storages it was made from, so no new
+    tensor can reuse their addresses while it stands. With autograd enabled
+    nothing is cached, so gradients reach the parameters. The cache lives
+    outside ``owner`` and dies with it.
     """
     if torch.is_grad_enabled():
         return fn(*params)
@@ -63,7 +65,8 @@ def prepared(owner: nn.Module, key: str, fn: Callable[..., T],
     if hit is not None and hit[0] == stamp:
         return hit[1]  # type: ignore[return-value]
     value = fn(*params)
-    cache[key] = (stamp, value)
+    pinned = tuple(p.untyped_storage() for p in params if p is not None)
+    cache[key] = (stamp, value, pinned)
     return value
 
 

@@ -62,13 +62,19 @@ def test_reordered_weights_follow_updates_and_stay_out_of_copies():
         before = linear_module(layer, x)
         layer.load_state_dict({'weight': torch.randn(8, 16), 'bias': torch.zeros(8)})
         after = linear_module(layer, x)
+        expected_after = F.linear(x, layer.weight, layer.bias)
+        for _ in range(3):  # replaced, not updated in place, with no forward between
+            layer.weight.data = torch.randn(8, 16)
+        replaced = linear_module(layer, x)
+        expected_replaced = F.linear(x, layer.weight, layer.bias)
     assert not torch.allclose(before, after)
-    assert torch.allclose(after, F.linear(x, layer.weight, layer.bias).detach(), atol=1e-5)
+    assert torch.allclose(after, expected_after, atol=1e-5)
+    assert torch.allclose(replaced, expected_replaced, atol=1e-5)
     # the cache is outside the module: deep copies and pickles never see it
     clone = copy.deepcopy(layer)
     pickle.dumps(layer)
     with torch.no_grad():
-        assert torch.allclose(linear_module(clone, x), after)
+        assert torch.allclose(linear_module(clone, x), replaced)
 
 
 @pytest.mark.filterwarnings('ignore::FutureWarning', 'ignore::torch.jit.TracerWarning')
