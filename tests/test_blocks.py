@@ -72,7 +72,6 @@ def test_sparse_kernel_matches_the_dense_conv_fallback(monkeypatch):
     assert torch.allclose(fused, fallback, atol=1e-5)
 
 
-
 def test_kernel_conv_and_gelu_match_torch_at_kept_tokens():
     """The kernel's conv and its in-kernel GELU (rational erf) against
     ``F.conv2d`` + exact ``F.gelu`` on a zero-filled map, with values far
@@ -97,6 +96,7 @@ def test_kernel_conv_and_gelu_match_torch_at_kept_tokens():
         fused = sparse_ops.sparse_dwconv_gelu(h, nbr, conv, gelu=True)
     assert dense.abs().max() > 8
     assert torch.allclose(fused, F.gelu(dense), atol=1e-5 * dense.abs().max().item())
+
 
 def test_neighbour_table_marks_borders_and_skipped_tokens():
     from dit_mm.sparse_ops import neighbour_table
