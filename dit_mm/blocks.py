@@ -39,6 +39,14 @@ from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu
 #: at ~0.85 kept (1.02 / 0.99 of dense) and 0.93 / 0.88 of it at 0.75.
 DENSE_ABOVE = 0.85
 
+#: The same threshold off the CPU. The packed path has no GPU kernels here
+#: (per-image attention loop, dense depthwise conv on a zero-filled map):
+#: on H200s (torch 2.11, two runs of benchmarks/check_cuda.py), DiT-b2 at
+#: 512², batch 4, r = 0.75 / 0.5 / 0.25 took 47-71 ms packed and 45-54 ms on
+#: the dense route, against 32-34 ms for r = 1 (no gates, no host syncs).
+#: Other devices take the dense route: same values, no savings (README).
+DENSE_ABOVE_ACCELERATOR = 0.0
+
 
 class RoutedStage(nn.Module):
     """PVTv2 blocks of one grid node, with dense, masked and packed forwards.
@@ -64,6 +72,7 @@ class RoutedStage(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.dim = dim
         self.dense_above = DENSE_ABOVE
+        self.dense_above_accelerator = DENSE_ABOVE_ACCELERATOR
 
     # ------------------------------------------------------------------ dense
     def forward_dense(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -108,7 +117,8 @@ class RoutedStage(nn.Module):
     def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],
                        keep: torch.Tensor) -> torch.Tensor:
         """Inference path: computes only the kept tokens (densely, with the
-        same values, when more than ``self.dense_above`` of them are kept and
+        same values, when more than ``self.dense_above`` of them are kept, or
+        ``self.dense_above_accelerator`` off the CPU, and
         autograd is off).
 
         Args:
@@ -127,7 +137,8 @@ class RoutedStage(nn.Module):
             return x
         if idx.numel() == B * N:
             return self.forward_dense(x, hw)
-        if idx.numel() > self.dense_above * B * N and not torch.is_grad_enabled():
+        dense_above = self.dense_above if x.device.type == 'cpu' else self.dense_above_accelerator
+        if idx.numel() > dense_above * B * N and not torch.is_grad_enabled():
             # packing pays off below ~85 % kept (benchmarks/bench_backbone.py);
             # above, dense compute with held tokens gives the same values
             return self._forward_held(x, hw, (~keep).reshape(-1).nonzero().squeeze(1))
