@@ -32,8 +32,8 @@ _CPP = r'''
 #include <ATen/Parallel.h>
 
 // erf(x) = x * P(x^2) / Q(x^2) on [-4, 4], +-1 beyond (max abs error
-// 3.6e-7 against double-precision erf); branch-free so that the row loop
-// vectorises (std::erf does not).
+// 3.6e-7 against double-precision erf). gelu_vec below is the same formula
+// on vectors; this scalar one serves channels beyond the last full vector.
 static inline float erf_rational(float x) {
   x = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
   const float x2 = x * x;
@@ -52,9 +52,68 @@ static inline float erf_rational(float x) {
   return x * p / q;
 }
 
+// Vector helpers: AVX-512 or AVX2+FMA, whichever -march=native enables.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VW 16
+typedef __m512 vec;
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vset(float x) { return _mm512_set1_ps(x); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+#define DIT_VEC 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VW 8
+typedef __m256 vec;
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vset(float x) { return _mm256_set1_ps(x); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+#define DIT_VEC 1
+#endif
+
+#ifdef DIT_VEC
+// GELU with erf_rational, VW lanes at a time.
+static inline vec gelu_vec(vec v) {
+  vec x = vmul(v, vset(0.70710678118654752f));
+  x = vmax(vmin(x, vset(4.0f)), vset(-4.0f));
+  const vec x2 = vmul(x, x);
+  vec p = vset(-2.72614225801306e-10f);
+  p = vfma(p, x2, vset(2.77068142495902e-08f));
+  p = vfma(p, x2, vset(-2.10102402082508e-06f));
+  p = vfma(p, x2, vset(-5.69250639462346e-05f));
+  p = vfma(p, x2, vset(-7.34990630326855e-04f));
+  p = vfma(p, x2, vset(-2.95459980854025e-03f));
+  p = vfma(p, x2, vset(-1.60960333262415e-02f));
+  vec q = vset(-1.45660718464996e-05f);
+  q = vfma(q, x2, vset(-2.13374055278905e-04f));
+  q = vfma(q, x2, vset(-1.68282697438203e-03f));
+  q = vfma(q, x2, vset(-7.37332916720468e-03f));
+  q = vfma(q, x2, vset(-1.42647390514189e-02f));
+  const vec half = vmul(v, vset(0.5f));
+  return vfma(half, vdiv(vmul(x, p), q), half);
+}
+#endif
+
+static inline float gelu_scalar(float v) {
+  return 0.5f * v * (1.0f + erf_rational(v * 0.70710678118654752f));
+}
+
 // out[k] = bias + sum_t w[t] * h[nbr[k, t]]  (rows with nbr = -1 read as zero),
-// then GELU(x) = x (1 + erf(x / sqrt 2)) / 2 if `gelu`, with erf_rational,
-// on the row while it is in L1.
+// then GELU(x) = x (1 + erf(x / sqrt 2)) / 2 if `gelu`, with erf_rational.
+// Per row, the taps that are present are listed once; then 4 vectors of
+// channels at a time are accumulated over them in registers, GELU'd and
+// stored once (a plain loop over taps re-read and re-wrote the output row
+// per tap: 1.6x slower at 512x512, batch 4).
 // out: a (K, C) float buffer to write into (reused across blocks: a fresh
 // buffer of this size is page-faulted in on every call).
 torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch::Tensor b,
@@ -62,27 +121,45 @@ torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch:
   TORCH_CHECK(h.is_contiguous() && nbr.is_contiguous() && w.is_contiguous() && b.is_contiguous());
   const int64_t K = h.size(0), C = h.size(1);
   TORCH_CHECK(out.is_contiguous() && out.size(0) == K && out.size(1) == C &&
-              out.scalar_type() == h.scalar_type() && nbr.size(0) == K);
+              out.scalar_type() == h.scalar_type() && nbr.size(0) == K &&
+              nbr.size(1) == 9 && w.numel() == 9 * C && b.numel() == C);
   const float* __restrict__ hp = h.data_ptr<float>();
   const int64_t* __restrict__ np = nbr.data_ptr<int64_t>();
   const float* __restrict__ wp = w.data_ptr<float>();
   const float* __restrict__ bp = b.data_ptr<float>();
   float* __restrict__ op = out.data_ptr<float>();
   at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
+    const float* srcs[9];
+    const float* wts[9];
     for (int64_t k = begin; k < end; ++k) {
-      float* __restrict__ o = op + k * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = bp[c];
+      int n = 0;
       for (int t = 0; t < 9; ++t) {
         const int64_t j = np[k * 9 + t];
-        if (j < 0) continue;
-        const float* __restrict__ src = hp + j * C;
-        const float* __restrict__ wt = wp + t * C;
-        for (int64_t c = 0; c < C; ++c) o[c] += wt[c] * src[c];
+        if (j >= 0) { srcs[n] = hp + j * C; wts[n] = wp + t * C; ++n; }
       }
-      if (gelu) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          o[c] = 0.5f * o[c] * (1.0f + erf_rational(o[c] * 0.70710678118654752f));
+      float* __restrict__ o = op + k * C;
+      int64_t c = 0;
+#ifdef DIT_VEC
+      for (; c + 4 * VW <= C; c += 4 * VW) {
+        vec a0 = vload(bp + c), a1 = vload(bp + c + VW);
+        vec a2 = vload(bp + c + 2 * VW), a3 = vload(bp + c + 3 * VW);
+        for (int i = 0; i < n; ++i) {
+          const float* s = srcs[i] + c;
+          const float* wt = wts[i] + c;
+          a0 = vfma(vload(wt), vload(s), a0);
+          a1 = vfma(vload(wt + VW), vload(s + VW), a1);
+          a2 = vfma(vload(wt + 2 * VW), vload(s + 2 * VW), a2);
+          a3 = vfma(vload(wt + 3 * VW), vload(s + 3 * VW), a3);
+        }
+        if (gelu) { a0 = gelu_vec(a0); a1 = gelu_vec(a1); a2 = gelu_vec(a2); a3 = gelu_vec(a3); }
+        vstore(o + c, a0); vstore(o + c + VW, a1);
+        vstore(o + c + 2 * VW, a2); vstore(o + c + 3 * VW, a3);
+      }
+#endif
+      for (; c < C; ++c) {
+        float acc = bp[c];
+        for (int i = 0; i < n; ++i) acc += wts[i][c] * srcs[i][c];
+        o[c] = gelu ? gelu_scalar(acc) : acc;
       }
     }
   });
@@ -138,7 +215,7 @@ def _extension():
                 # -fopenmp: at::parallel_for is a '#pragma omp parallel' in
                 # the header, so without it the kernel ran on one thread (the
                 # process already holds torch's libgomp, which this reuses)
-                _ext = load_inline(name=f'dit_mm_sparse_ops_v8_{_cpu_tag()}', cpp_sources=_CPP,
+                _ext = load_inline(name=f'dit_mm_sparse_ops_v9_{_cpu_tag()}', cpp_sources=_CPP,
                                    functions=['dwconv', 'neighbours'],
                                    extra_cflags=['-O3', '-march=native', '-fopenmp'],
                                    extra_ldflags=['-fopenmp'], verbose=False)
