@@ -11,7 +11,6 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from timm.layers import trunc_normal_
 from timm.models.pvt_v2 import OverlapPatchEmbed
-from torch.profiler import record_function
 
 from .blocks import RoutedStage, tokens_to_map
 from .cost_model import GridCost, grid_cost
@@ -27,6 +26,7 @@ from .grid import (
     resolve_arch,
 )
 from .onednn import conv2d
+from .profiling import scope
 
 KeepRatio = Union[None, float, Sequence[float]]
 
@@ -319,7 +319,7 @@ class DiT(BaseModule):
         if self.routing == 'full':
             rec.embeds[(i, j)] = (ones, ones)
             return dst + self._embed(key, src, sizes[i - 1])
-        with record_function('dit::gate'):
+        with scope('dit::gate'):
             out = self.col_gates[key](src, self.gate_tau, self._noise_generator(src))
         rec.col_gates.append((i, j))
         rec.embeds[(i, j)] = (out.prob, out.mask.detach())
@@ -347,7 +347,7 @@ class DiT(BaseModule):
             ones = x.new_ones(B, dtype=torch.float32)
             rec.rows[(i, j)] = (ones, ones)
             return stage.forward_dense(x, hw)
-        with record_function('dit::gate'):
+        with scope('dit::gate'):
             out = self._row_gate(i, j, x)
             keep = out.mask
             if self.keep_ratio is not None:

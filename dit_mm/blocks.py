@@ -27,17 +27,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
-from torch.profiler import record_function
 
 from .onednn import conv2d, linear, prepared
 from .onednn import linear_module as _linear
+from .profiling import scope
 from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu
 
 #: :meth:`RoutedStage.forward_sparse` computes densely (with skipped tokens
-#: held, same values) when more than this fraction of a node's tokens is kept:
-#: at 224² and 512² (batch 1) the packed path cost as much as the dense one
-#: at ~0.85 kept (1.02 / 0.99 of dense) and 0.93 / 0.88 of it at 0.75.
-DENSE_ABOVE = 0.85
+#: held, same values) when more than this fraction of a node's tokens is kept.
+#: Whole DiT-b2, packed / held at r = 0.85 and 0.92 kept: 0.92 / 0.96 at 224²
+#: batch 1, 0.90 / 0.98 at 512² batch 1, 0.93 / 1.01 at 224² batch 4.
+DENSE_ABOVE = 0.9
 
 #: The same threshold off the CPU. The packed path has no GPU kernels here
 #: (per-image attention loop, dense depthwise conv on a zero-filled map):
@@ -131,7 +131,7 @@ class RoutedStage(nn.Module):
             ``(B, N, C)``: kept tokens updated, skipped tokens unchanged.
         """
         B, N, C = x.shape
-        with record_function('dit::gather'):
+        with scope('dit::gather'):
             idx = keep.reshape(-1).nonzero().squeeze(1)  # sorted: images are contiguous
         if idx.numel() == 0:
             return x
@@ -139,17 +139,17 @@ class RoutedStage(nn.Module):
             return self.forward_dense(x, hw)
         dense_above = self.dense_above if x.device.type == 'cpu' else self.dense_above_accelerator
         if idx.numel() > dense_above * B * N and not torch.is_grad_enabled():
-            # packing pays off below ~85 % kept (benchmarks/bench_backbone.py);
+            # packing pays off below ~90 % kept (benchmarks/bench_backbone.py);
             # above, dense compute with held tokens gives the same values
             return self._forward_held(x, hw, (~keep).reshape(-1).nonzero().squeeze(1))
         K = idx.numel()
-        with record_function('dit::gather'):
+        with scope('dit::gather'):
             counts = keep.sum(dim=1).tolist()
             base = x.reshape(B * N, C)
             t = base.index_select(0, idx)
         if kernel_applies(t) and all(_fusable(blk.mlp) for blk in self.blocks):
             # depthwise conv + GELU at the kept tokens only (dit_mm.sparse_ops)
-            with record_function('dit::gather'):
+            with scope('dit::gather'):
                 nbr = neighbour_table(idx, B, hw)
             hidden = t.new_empty(K, self.blocks[0].mlp.fc1.out_features)
             mlp = partial(_mlp_packed_kernel, nbr=nbr, hidden=hidden)
@@ -164,7 +164,7 @@ class RoutedStage(nn.Module):
         # The query linear gets the same fold.
         eps = self.blocks[0].norm1.eps
         if all(_foldable(blk, eps) for blk in self.blocks):
-            normalise = partial(_normalise, eps=eps)
+            normalise = partial(_normalise, unit=(x.new_ones(C), x.new_zeros(C)), eps=eps)
             normed = normalise(base)
             kv_fn = partial(_keys_values_folded, hw=hw)
         else:
@@ -172,19 +172,19 @@ class RoutedStage(nn.Module):
         for blk in self.blocks:
             if normed is not None:
                 t_hat = normalise(t)
-                with record_function('dit::scatter'):
+                with scope('dit::scatter'):
                     normed = _write_rows(normed, idx, t_hat)
                 q = _query_folded(blk.attn, blk.norm1, t_hat)
                 k, v = kv_fn(blk.attn, blk.norm1, normed.view(B, N, C))
             else:
-                with record_function('dit::scatter'):
+                with scope('dit::scatter'):
                     full = base.index_copy(0, idx, t).view(B, N, C)
                 q = _linear(blk.attn.q, blk.norm1(t))
                 k, v = _keys_values(blk.attn, blk.norm1(full), hw)
             t = t + _attention_packed(blk.attn, q, k, v, counts)
             t = t + mlp(blk.mlp, blk.norm2(t))
         t = self.norm(t)
-        with record_function('dit::scatter'):
+        with scope('dit::scatter'):
             return base.index_copy(0, idx, t).view(B, N, C)
 
 
@@ -297,12 +297,12 @@ def _keys_values_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tenso
     return kv.unbind(0)
 
 
-def _normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim without an affine part. Given unit
-    weights, because PyTorch's CPU kernel without them took twice as long
-    (1.02 vs 0.51 ms at 32768 x 64)."""
-    C = x.shape[-1]
-    return F.layer_norm(x, (C,), x.new_ones(C), x.new_zeros(C), eps)
+def _normalise(x: torch.Tensor, unit: Tuple[torch.Tensor, torch.Tensor],
+               eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim without an affine part, through the
+    affine kernel with ``unit = (ones, zeros)``: PyTorch's CPU kernel
+    without weights took twice as long (1.02 vs 0.51 ms at 32768 x 64)."""
+    return F.layer_norm(x, x.shape[-1:], unit[0], unit[1], eps)
 
 
 def _query_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor) -> torch.Tensor:
@@ -336,6 +336,11 @@ def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
     """
     C = q.shape[1]
     heads, hd = attn.num_heads, attn.head_dim
+    if sum(n > 0 for n in counts) == 1:  # one image: no copy into a packed output
+        b = next(b for b, n in enumerate(counts) if n > 0)
+        n = counts[b]
+        out = _sdpa(attn, q.view(1, n, heads, hd).transpose(1, 2), k[b:b + 1], v[b:b + 1])
+        return _linear(attn.proj, out.transpose(1, 2).reshape(n, C))
     out = torch.empty_like(q)
     start = 0
     for b, n in enumerate(counts):
@@ -381,13 +386,13 @@ def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
     be zero outside ``idx``; without autograd its kept rows are overwritten in
     place."""
     h = _linear(mlp.fc1, t)
-    with record_function('dit::scatter'):
+    with scope('dit::scatter'):
         if torch.is_grad_enabled():  # autograd keeps each block's map: no reuse
             buffer = buffer.index_copy(0, idx, h)
         else:
             buffer.index_copy_(0, idx, h)
     B = buffer.shape[0] // (hw[0] * hw[1])
     conv = conv2d(mlp.dwconv, mlp.relu(tokens_to_map(buffer.view(B, -1, h.shape[1]), hw)))
-    with record_function('dit::gather'):
+    with scope('dit::gather'):
         h = map_to_tokens(conv).reshape(buffer.shape).index_select(0, idx)
     return _linear(mlp.fc2, mlp.act(h))

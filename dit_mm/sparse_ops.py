@@ -26,6 +26,7 @@ import torch
 from mmengine.logging import print_log
 
 from .onednn import prepared
+from .profiling import scope
 
 _CPP = r'''
 #include <torch/extension.h>
@@ -315,5 +316,5 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d
     weight, bias = prepared(conv, 'taps', _taps, conv.weight, conv.bias)
     if out is None or out.shape != h.shape:
         out = torch.empty_like(h)
-    with torch.profiler.record_function('dit::sparse_dwconv'):
+    with scope('dit::sparse_dwconv'):
         return _extension().dwconv(h.contiguous(), nbr, weight, bias, out, gelu)

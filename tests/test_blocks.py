@@ -25,6 +25,20 @@ def test_masked_and_sparse_forwards_agree_with_unequal_counts(sr):
     assert not torch.allclose(sparse[keep], x[keep])
 
 
+def test_only_a_middle_image_keeping_tokens_matches_the_masked_path():
+    """One non-empty image takes a copy-free attention path; its position in
+    the batch must still pick its own keys and values."""
+    stage = _stage()
+    x = torch.randn(3, 7 * 9, 32)
+    keep = torch.zeros(3, 63, dtype=torch.bool)
+    keep[1] = torch.rand(63) < 0.5
+    with torch.no_grad():
+        masked = stage.forward_masked(x, (7, 9), keep.float())
+        sparse = stage.forward_sparse(x, (7, 9), keep)
+    assert torch.allclose(masked, sparse, atol=1e-5)
+    assert torch.equal(sparse[[0, 2]], x[[0, 2]])
+
+
 def test_all_kept_equals_dense_and_none_kept_is_identity():
     stage = _stage()
     x = torch.randn(2, 36, 32)
@@ -252,3 +266,25 @@ def test_accelerator_threshold_does_not_apply_on_the_cpu():
         packed = stage.forward_sparse(x, (8, 8), keep)
         masked = stage.forward_masked(x, (8, 8), keep.float())
     assert calls == [] and torch.allclose(packed, masked, atol=1e-5)
+
+
+def test_profiler_scopes_are_recorded_only_under_a_profiler(monkeypatch):
+    """The benchmark's gate/gather/scatter shares read the ``dit::`` scopes;
+    without a profiler they must not enter ``record_function`` at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dit_mm import profiling
+    stage = _stage()
+    x = torch.randn(2, 48, 32)
+    keep = torch.rand(2, 48) < 0.5
+    entered = []
+    real = profiling.record_function
+    monkeypatch.setattr(profiling, 'record_function',
+                        lambda name: entered.append(name) or real(name))
+    with torch.no_grad():
+        stage.forward_sparse(x, (6, 8), keep)
+        assert entered == []
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            stage.forward_sparse(x, (6, 8), keep)
+    names = {e.key for e in prof.key_averages()}
+    assert {'dit::gather', 'dit::scatter'} <= names and 'dit::gather' in entered
