@@ -31,7 +31,7 @@ from timm.models.pvt_v2 import Block
 from .onednn import conv2d, linear, prepared
 from .onednn import linear_module as _linear
 from .profiling import scope
-from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu
+from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, write_rows
 
 #: :meth:`RoutedStage.forward_sparse` computes densely (with skipped tokens
 #: held, same values) when more than this fraction of a node's tokens is kept.
@@ -108,9 +108,9 @@ class RoutedStage(nn.Module):
         h = x
         for blk in self.blocks:
             h = _block(blk, h, hw, skipped=skipped)
-            h.view(B * N, C).index_copy_(0, skipped, held)
+            write_rows(h.view(B * N, C), skipped, held)
         h = self.norm(h)
-        h.view(B * N, C).index_copy_(0, skipped, held)
+        write_rows(h.view(B * N, C), skipped, held)
         return h
 
     # ----------------------------------------------------------------- sparse
@@ -185,7 +185,10 @@ class RoutedStage(nn.Module):
             t = t + mlp(blk.mlp, blk.norm2(t))
         t = self.norm(t)
         with scope('dit::scatter'):
-            return base.index_copy(0, idx, t).view(B, N, C)
+            if torch.is_grad_enabled():
+                return base.index_copy(0, idx, t).view(B, N, C)
+            out = base.clone(memory_format=torch.contiguous_format)
+            return write_rows(out, idx, t).view(B, N, C)
 
 
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -273,7 +276,7 @@ def _write_rows(buffer: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> 
     copy (autograd keeps every block's version)."""
     if torch.is_grad_enabled():
         return buffer.index_copy(0, idx, rows)
-    return buffer.index_copy_(0, idx, rows)
+    return write_rows(buffer, idx, rows)
 
 
 def _keys_values_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor,

@@ -14,7 +14,9 @@ follows then also runs on kept rows only):
   machine with ``torch.utils.cpp_extension.load_inline``, parallel through
   ``at::parallel_for``) on float32 CPU tensors at inference. Elsewhere (other
   devices or dtypes, autograd, no compiler, or ``DIT_MM_NO_EXT=1``) the
-  packed blocks fall back to the dense conv on a zero-filled hidden map.
+  packed blocks fall back to the dense conv on a zero-filled hidden map;
+* :func:`write_rows` writes packed rows back into a token map, with the same
+  kernel build (4-6x faster than ``index_copy_`` here), else ``index_copy_``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .profiling import scope
 _CPP = r'''
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cstring>
 
 // erf(x) = x * P(x^2) / Q(x^2) on [-4, 4], +-1 beyond (max abs error
 // 3.6e-7 against double-precision erf). gelu_vec below is the same formula
@@ -167,6 +170,24 @@ torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch:
   return out;
 }
 
+// dst[idx[k]] = src[k] for the K rows of src (dst: (N, C), src: (K, C)).
+torch::Tensor scatter_rows(torch::Tensor dst, torch::Tensor idx, torch::Tensor src) {
+  TORCH_CHECK(dst.is_contiguous() && idx.is_contiguous() && src.is_contiguous() &&
+              dst.dim() == 2 && src.dim() == 2 && dst.size(1) == src.size(1) &&
+              idx.numel() == src.size(0) && idx.scalar_type() == torch::kLong &&
+              dst.scalar_type() == torch::kFloat && src.scalar_type() == torch::kFloat);
+  const int64_t K = src.size(0), C = src.size(1), N = dst.size(0);
+  const int64_t* __restrict__ ip = idx.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) TORCH_CHECK(ip[k] >= 0 && ip[k] < N, "row index out of range");
+  const float* __restrict__ sp = src.data_ptr<float>();
+  float* __restrict__ dp = dst.data_ptr<float>();
+  at::parallel_for(0, K, 2048 / (C + 1) + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      std::memcpy(dp + ip[k] * C, sp + k * C, C * sizeof(float));
+  });
+  return dst;
+}
+
 // Packed rows of the 3x3 neighbours of the kept tokens (see neighbour_table).
 torch::Tensor neighbours(torch::Tensor idx, int64_t batch, int64_t H, int64_t W) {
   TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == torch::kLong);
@@ -216,8 +237,8 @@ def _extension():
                 # -fopenmp: at::parallel_for is a '#pragma omp parallel' in
                 # the header, so without it the kernel ran on one thread (the
                 # process already holds torch's libgomp, which this reuses)
-                _ext = load_inline(name=f'dit_mm_sparse_ops_v9_{_cpu_tag()}', cpp_sources=_CPP,
-                                   functions=['dwconv', 'neighbours'],
+                _ext = load_inline(name=f'dit_mm_sparse_ops_v10_{_cpu_tag()}', cpp_sources=_CPP,
+                                   functions=['dwconv', 'neighbours', 'scatter_rows'],
                                    extra_cflags=['-O3', '-march=native', '-fopenmp'],
                                    extra_ldflags=['-fopenmp'], verbose=False)
             except Exception as exc:  # no compiler, no headers: fall back, but say so
@@ -289,6 +310,16 @@ def kernel_applies(h: torch.Tensor) -> bool:
     inference (no autograd) with the kernel built."""
     return (h.device.type == 'cpu' and h.dtype == torch.float32
             and not torch.is_grad_enabled() and _extension() is not None)
+
+
+def write_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.index_copy_(0, idx, src)`` for ``dst (N, C)``, ``src (K, C)``:
+    through the kernel for contiguous float32 CPU tensors without autograd.
+    Returns ``dst``."""
+    if (kernel_applies(src) and dst.dtype == torch.float32 and dst.device.type == 'cpu'
+            and dst.is_contiguous() and src.is_contiguous() and idx.dtype == torch.long):
+        return _extension().scatter_rows(dst, idx.contiguous(), src)
+    return dst.index_copy_(0, idx, src)
 
 
 def _taps(weight: torch.Tensor, bias: Optional[torch.Tensor]

@@ -1,4 +1,6 @@
 """DiT backbone: shapes, equivalence to PVTv2, gates, determinism, errors."""
+import math
+
 import pytest
 import timm
 import torch
@@ -144,6 +146,26 @@ def test_keep_ratio_per_image_and_as_attribute():
     assert real[0] > real[1]
     node = model.last_record.masks[(0, 0)]
     assert node[0].all() and node[1].float().mean() == pytest.approx(0.25, abs=0.02)
+
+
+def test_keep_ratio_keeps_exactly_the_best_scored_tokens_even_with_ties():
+    model = make_dit('b0', routing='full').eval()
+    model.keep_ratio = (0.3, 0.7)
+    x = torch.randn(2, 3, 64, 64)
+    x[1] = 0  # a blank image: every token of a node has the same score
+    with torch.no_grad():
+        model(x)
+    rec = model.last_record
+    for node, mask in rec.masks.items():
+        n = mask[0].numel()
+        counts = mask.flatten(1).sum(dim=1).tolist()
+        assert counts == [math.ceil(0.3 * n), math.ceil(0.7 * n)], node
+    # image 0: no skipped token outscores a kept one at the first node
+    with torch.no_grad():
+        tokens = model.stem(x[:1])[0].reshape(1, -1, model.spec.embed_dims[0])
+        score = model.row_gates['s0_t0'](tokens).score[0]
+    kept = rec.masks[(0, 0)][0].flatten()
+    assert score[kept].min() >= score[~kept].max()
 
 
 @pytest.mark.parametrize('gate', ['random', 'attention'])

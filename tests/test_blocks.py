@@ -288,3 +288,16 @@ def test_profiler_scopes_are_recorded_only_under_a_profiler(monkeypatch):
             stage.forward_sparse(x, (6, 8), keep)
     names = {e.key for e in prof.key_averages()}
     assert {'dit::gather', 'dit::scatter'} <= names and 'dit::gather' in entered
+
+
+def test_write_rows_matches_index_copy_and_checks_indices():
+    from dit_mm import sparse_ops
+    dst = torch.randn(50, 24)
+    idx = torch.tensor([3, 7, 8, 20, 49])
+    src = torch.randn(5, 24)
+    with torch.no_grad():
+        got = sparse_ops.write_rows(dst.clone(), idx, src)
+        assert torch.equal(got, dst.clone().index_copy_(0, idx, src))
+        if sparse_ops.extension_available():
+            with pytest.raises(RuntimeError, match='out of range'):
+                sparse_ops.write_rows(dst.clone(), torch.tensor([0, 1, 2, 3, 50]), src)
