@@ -339,21 +339,12 @@ def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
     """
     C = q.shape[1]
     heads, hd = attn.num_heads, attn.head_dim
-    if sum(n > 0 for n in counts) == 1:  # one image: no copy into a packed output
-        b = next(b for b, n in enumerate(counts) if n > 0)
-        n = counts[b]
-        out = _sdpa(attn, q.view(1, n, heads, hd).transpose(1, 2), k[b:b + 1], v[b:b + 1])
-        return _linear(attn.proj, out.transpose(1, 2).reshape(n, C))
-    out = torch.empty_like(q)
-    start = 0
-    for b, n in enumerate(counts):
-        if n == 0:
-            continue
-        qb = q[start:start + n].view(1, n, heads, hd).transpose(1, 2)
-        ob = _sdpa(attn, qb, k[b:b + 1], v[b:b + 1])
-        out[start:start + n] = ob.transpose(1, 2).reshape(n, C)
-        start += n
-    return _linear(attn.proj, out)
+    outs = []  # per image; one concatenation (a single image needs no copy)
+    for qb, kb, vb, n in zip(q.split(counts), k.split(1), v.split(1), counts):
+        if n:
+            ob = _sdpa(attn, qb.view(1, n, heads, hd).transpose(1, 2), kb, vb)
+            outs.append(ob.transpose(1, 2).reshape(n, C))
+    return _linear(attn.proj, outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
