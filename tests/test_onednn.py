@@ -14,6 +14,13 @@ needs_packed = pytest.mark.skipif(not packed_ops_available(),
                                   reason='oneDNN reordered-weight ops not in this build')
 
 
+@pytest.fixture(autouse=True)
+def always_reorder(monkeypatch):
+    """The small GEMMs below would take ``F.linear`` (onednn.plain_is_faster);
+    these tests are about the reordered path, so it is forced."""
+    monkeypatch.setattr(onednn, 'PLAIN_MACS', 0)
+
+
 @needs_packed
 @pytest.mark.parametrize('rows', [1, 7, 49, 300])
 @pytest.mark.parametrize('bias', [True, False])
@@ -115,3 +122,19 @@ def test_switch_off_by_environment(monkeypatch):
     finally:
         monkeypatch.delenv('DIT_MM_NO_PACKED')
         onednn.packed_ops_available.cache_clear()
+
+
+@needs_packed
+def test_small_gemms_take_f_linear_and_large_ones_the_reordered_weights(monkeypatch):
+    monkeypatch.setattr(onednn, 'PLAIN_MACS', 2 ** 19)
+    small, large = nn.Linear(64, 64), nn.Linear(512, 2048)
+    with torch.no_grad():
+        x = torch.randn(16, 64)
+        assert torch.equal(linear_module(small, x), F.linear(x, small.weight, small.bias))
+        assert 'linear' not in onednn._PREPARED.get(small, {})
+        y = torch.randn(1, 512)
+        out = linear_module(large, y)
+        assert 'linear' in onednn._PREPARED[large]  # 1 x 512 x 2048: reordered
+    assert torch.allclose(out, F.linear(y, large.weight, large.bias), atol=1e-4)
+    w = torch.empty(1280, 320)
+    assert onednn.plain_is_faster(1, w) and not onednn.plain_is_faster(4, w)
