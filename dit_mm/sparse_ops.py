@@ -313,9 +313,10 @@ def kernel_applies(h: torch.Tensor) -> bool:
 
 
 def write_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.index_copy_(0, idx, src)`` for ``dst (N, C)``, ``src (K, C)``:
-    through the kernel for contiguous float32 CPU tensors without autograd.
-    Returns ``dst``."""
+    """``dst.index_copy_(0, idx, src)`` for ``dst (N, C)``, ``src (K, C)``
+    and distinct row indices ``idx`` (as ``nonzero`` gives them): through the
+    kernel for contiguous float32 CPU tensors without autograd. Returns
+    ``dst``."""
     if (kernel_applies(src) and dst.dtype == torch.float32 and dst.device.type == 'cpu'
             and dst.is_contiguous() and src.is_contiguous() and idx.dtype == torch.long):
         return _extension().scatter_rows(dst, idx.contiguous(), src)
