@@ -152,7 +152,7 @@ def test_keep_ratio_keeps_exactly_the_best_scored_tokens_even_with_ties():
     model = make_dit('b0', routing='full').eval()
     model.keep_ratio = (0.3, 0.7)
     x = torch.randn(2, 3, 64, 64)
-    x[1] = 0  # a blank image: every token of a node has the same score
+    x[1] = 0  # a blank image: many tokens of a node tie (all of them at the first)
     with torch.no_grad():
         model(x)
     rec = model.last_record
