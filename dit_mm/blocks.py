@@ -184,11 +184,10 @@ class RoutedStage(nn.Module):
             t = t + _attention_packed(blk.attn, q, k, v, counts)
             t = t + mlp(blk.mlp, blk.norm2(t))
         t = self.norm(t)
-        with scope('dit::scatter'):
-            if torch.is_grad_enabled():
-                return base.index_copy(0, idx, t).view(B, N, C)
-            out = base.clone(memory_format=torch.contiguous_format)
-            return write_rows(out, idx, t).view(B, N, C)
+        with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
+            out = base if torch.is_grad_enabled() else base.clone(
+                memory_format=torch.contiguous_format)
+            return _write_rows(out, idx, t).view(B, N, C)
 
 
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -380,11 +379,8 @@ def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
     be zero outside ``idx``; without autograd its kept rows are overwritten in
     place."""
     h = _linear(mlp.fc1, t)
-    with scope('dit::scatter'):
-        if torch.is_grad_enabled():  # autograd keeps each block's map: no reuse
-            buffer = buffer.index_copy(0, idx, h)
-        else:
-            buffer.index_copy_(0, idx, h)
+    with scope('dit::scatter'):  # a copy under autograd (it keeps each block's map)
+        buffer = _write_rows(buffer, idx, h)
     B = buffer.shape[0] // (hw[0] * hw[1])
     conv = conv2d(mlp.dwconv, mlp.relu(tokens_to_map(buffer.view(B, -1, h.shape[1]), hw)))
     with scope('dit::gather'):
