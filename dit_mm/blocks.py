@@ -11,7 +11,9 @@ three ways that give the same values for the same hard gate ``g``:
   straight-through gradient of ``g`` gets ``B(x) - x`` at every token;
 * :meth:`RoutedStage.forward_sparse`: inference; the kept tokens of all
   images are packed into one ``(K, C)`` matrix, and only they go through the
-  token-wise layers (query, attention, projection, MLP linears, norms).
+  token-wise layers (query, attention, projection, MLP linears, norms). On
+  float32 CPU tensors the whole packed stage runs as one C++ call
+  (:mod:`dit_mm.native_stage`, same ops and values); elsewhere, in Python.
 
 Semantics of a skipped token inside the stage (shared by all three paths):
 it keeps its input value; keys/values come from the spatially reduced *full*
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
 
+from .native_stage import native_applies, packed_forward
 from .onednn import conv2d, linear, prepared
 from .onednn import linear_module as _linear
 from .profiling import scope
@@ -73,6 +76,9 @@ class RoutedStage(nn.Module):
         self.dim = dim
         self.dense_above = DENSE_ABOVE
         self.dense_above_accelerator = DENSE_ABOVE_ACCELERATOR
+        #: run the packed path as one C++ call where it applies
+        #: (:mod:`dit_mm.native_stage`)
+        self.native = True
 
     # ------------------------------------------------------------------ dense
     def forward_dense(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -142,6 +148,10 @@ class RoutedStage(nn.Module):
             # packing pays off below ~90 % kept (benchmarks/bench_backbone.py);
             # above, dense compute with held tokens gives the same values
             return self._forward_held(x, hw, (~keep).reshape(-1).nonzero().squeeze(1))
+        if native_applies(self, x):  # the same ops from C++ (dit_mm.native_stage)
+            out = packed_forward(self, x, hw, idx)
+            if out is not None:
+                return out
         K = idx.numel()
         with scope('dit::gather'):
             counts = keep.sum(dim=1).tolist()

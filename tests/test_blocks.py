@@ -12,9 +12,11 @@ def _stage(sr: int = 2) -> RoutedStage:
     return stage.eval()
 
 
+@pytest.mark.parametrize('native', [True, False])
 @pytest.mark.parametrize('sr', [1, 2])
-def test_masked_and_sparse_forwards_agree_with_unequal_counts(sr):
+def test_masked_and_sparse_forwards_agree_with_unequal_counts(sr, native):
     stage = _stage(sr)
+    stage.native = native  # the C++ stage program, or the packed path in Python
     x = torch.randn(3, 7 * 9, 32)
     keep = torch.rand(3, 63) < torch.tensor([[0.2], [0.7], [0.5]])
     with torch.no_grad():
@@ -79,6 +81,7 @@ def test_sparse_kernel_matches_the_dense_conv_fallback(monkeypatch):
     stage = _stage()
     x = torch.randn(3, 9 * 11, 32)
     keep = torch.rand(3, 99) < torch.tensor([[0.1], [0.6], [0.9]])
+    stage.native = False  # the Python packed path, with and without the kernel
     with torch.no_grad():
         fused = stage.forward_sparse(x, (9, 11), keep)
         monkeypatch.setattr(blocks, 'kernel_applies', lambda t: False)

@@ -1,0 +1,155 @@
+"""The packed forward of a grid node as one C++ call (inference, CPU).
+
+:meth:`dit_mm.blocks.RoutedStage.forward_sparse` runs about 150 ATen ops
+per block; on small maps each costs more in the interpreter and the Python
+bindings than in its kernel. DiT-b2's full grid at 32x32 input, where there
+is no real work, took 20 ms, as much as the FLOPs of r = 0.25 at 224x224.
+``dit_mm/csrc/packed_stage.cpp`` runs the same ops in the same order from
+C++: same values (the tests compare it bit for bit with the Python path),
+without the per-op overhead.
+
+Its weights come from a *plan* built once per weight version: norm1's affine
+folded into the query, SR conv and kv weights (as the Python path folds
+them), every GEMM weight also reordered for oneDNN, the depthwise taps
+transposed. A plan is kept while every parameter of the stage has the same
+storage and version and no submodule was replaced; anything else rebuilds
+it. Stages that the program does not cover (no fused attention, another
+norm or activation, a non-3x3 depthwise conv) get no plan and keep the
+Python path.
+
+``DIT_MM_NO_NATIVE=1`` (or ``RoutedStage.native = False``) turns it off.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import onednn, sparse_ops
+
+#: Tensors per block in the parameter list of ``packed_stage`` (C++ ``kParams``).
+BLOCK_PARAMS = ('q_weight', 'q_packed', 'q_bias', 'sr_packed', 'sr_bias',
+                'sr_norm_weight', 'sr_norm_bias', 'kv_weight', 'kv_packed', 'kv_bias',
+                'proj_weight', 'proj_packed', 'proj_bias', 'norm2_weight', 'norm2_bias',
+                'fc1_weight', 'fc1_packed', 'fc1_bias', 'dw_taps', 'dw_bias',
+                'fc2_weight', 'fc2_packed', 'fc2_bias')
+
+Plan = Tuple[List[Optional[torch.Tensor]], List[int], List[float]]
+
+# stage -> (module ids, parameter stamp, plan or None)
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def native_applies(stage: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`packed_forward` may run ``stage`` on ``x``: float32
+    CPU inference where the reordered oneDNN ops and the extension exist,
+    not turned off."""
+    return (getattr(stage, 'native', True) and os.environ.get('DIT_MM_NO_NATIVE') != '1'
+            and onednn.packed_applies(x) and sparse_ops.kernel_applies(x))
+
+
+def packed_forward(stage: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
+                   idx: torch.Tensor) -> Optional[torch.Tensor]:
+    """The packed forward of ``stage`` in C++, or ``None`` where the stage
+    has no plan (then the caller runs the Python path).
+
+    Args:
+        stage: A :class:`dit_mm.blocks.RoutedStage`.
+        x: Tokens ``(B, N, C)``.
+        hw: Map size ``(H, W)``.
+        idx: Sorted flat positions of the kept tokens in ``(B * N)``.
+
+    Returns:
+        ``(B, N, C)``: kept tokens updated, skipped tokens unchanged.
+    """
+    plan = _plan(stage)
+    if plan is None:
+        return None
+    params, ints, eps = plan
+    return sparse_ops._extension().packed_stage(x.contiguous(), idx, hw[0], hw[1],
+                                                params, ints, eps)
+
+
+def _plan(stage: nn.Module) -> Optional[Plan]:
+    """The cached plan of ``stage``, rebuilt when a parameter or submodule
+    changed (storage, version or identity) or timm's ``fused_attn`` switch
+    was flipped. Other settings of existing modules are read when the plan
+    is built. The check walks the module tree once (~45 us for a 6-block
+    stage; the parameter check cannot be cached across calls: optimiser
+    steps and ``load_state_dict`` update parameters in place)."""
+    modules: List[Optional[nn.Module]] = [stage]
+    stamp: List[int] = []
+    params: List[torch.Tensor] = []
+    for m in modules:  # breadth first; the list grows as it is walked
+        if m is None:
+            continue
+        modules.extend(m._modules.values())
+        for p in m._parameters.values():
+            if p is not None:
+                params.append(p)
+                stamp += (p.data_ptr(), p._version)
+    ids = list(map(id, modules))
+    ids += [getattr(blk.attn, 'fused_attn', None) for blk in stage.blocks]  # timm's switch
+    hit = _PLANS.get(stage)
+    if hit is not None and hit[0] == ids and hit[1] == stamp:
+        return hit[2]
+    with torch.no_grad():
+        plan = _build(stage)
+    # the entry pins the storages it was made from (no reuse of their addresses)
+    _PLANS[stage] = (ids, stamp, plan, [p.untyped_storage() for p in params])
+    return plan
+
+
+def _build(stage: nn.Module) -> Optional[Plan]:
+    """Folded and reordered weights of every block, or ``None`` if a block is
+    not what the C++ program computes."""
+    from .blocks import _fold_conv, _fold_linear, _foldable, _fusable
+    blocks = list(stage.blocks)
+    eps = blocks[0].norm1.eps
+    if not (_layer_norm(stage.norm, stage.dim) and all(
+            _foldable(b, eps) and _fusable(b.mlp) and _layer_norm(b.norm2, stage.dim)
+            and getattr(b.attn, 'fused_attn', False) for b in blocks)):
+        return None
+    pack = onednn._pack_linear
+    params: List[Optional[torch.Tensor]] = []
+    ints: List[int] = []
+    epss: List[float] = []
+    for blk in blocks:
+        attn, n1, mlp = blk.attn, blk.norm1, blk.mlp
+        qw, qb = _fold_linear(attn.q.weight, attn.q.bias, n1.weight, n1.bias)
+        params += [qw, pack(qw), qb]
+        if attn.sr is not None:
+            if not (_layer_norm(attn.norm, stage.dim) and onednn._conv_packable(attn.sr)):
+                return None
+            sw, sb = _fold_conv(attn.sr.weight, attn.sr.bias, n1.weight, n1.bias)
+            kw, kb = attn.kv.weight, attn.kv.bias
+            params += [onednn._pack_conv(sw, attn.sr), sb, attn.norm.weight, attn.norm.bias]
+            ints += [attn.num_heads, *attn.sr.stride]
+            epss += [n1.eps, attn.norm.eps]
+        else:
+            kw, kb = _fold_linear(attn.kv.weight, attn.kv.bias, n1.weight, n1.bias)
+            params += [None, None, None, None]
+            ints += [attn.num_heads, 0, 0]
+            epss += [n1.eps, 0.0]
+        params += [kw, pack(kw), kb]
+        params += [attn.proj.weight, pack(attn.proj.weight), attn.proj.bias,
+                   blk.norm2.weight, blk.norm2.bias]
+        taps, dw_bias = sparse_ops._taps(mlp.dwconv.weight, mlp.dwconv.bias)
+        params += [mlp.fc1.weight, pack(mlp.fc1.weight), mlp.fc1.bias, taps, dw_bias,
+                   mlp.fc2.weight, pack(mlp.fc2.weight), mlp.fc2.bias]
+        epss.append(blk.norm2.eps)
+    params += [stage.norm.weight, stage.norm.bias]
+    ints += [onednn.PLAIN_MACS, onednn.PLAIN_WEIGHT]
+    epss.append(stage.norm.eps)
+    # plain tensors on the same storage: the binding converts an
+    # nn.Parameter several times slower than a tensor
+    return [None if p is None else p.detach() for p in params], ints, epss
+
+
+def _layer_norm(norm: nn.Module, dim: int) -> bool:
+    """A LayerNorm over the last ``dim`` channels with weight and bias."""
+    return (isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (dim,)
+            and norm.elementwise_affine and norm.bias is not None)

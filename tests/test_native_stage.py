@@ -1,0 +1,121 @@
+"""The C++ stage program (dit_mm.native_stage) against the Python packed path."""
+import pytest
+import torch
+
+from dit_mm import native_stage, onednn, sparse_ops
+from dit_mm.blocks import RoutedStage
+
+pytestmark = pytest.mark.skipif(
+    not sparse_ops.extension_available() or not onednn.packed_ops_available(),
+    reason='needs the C++ extension and the reordered oneDNN ops')
+
+
+def _stage(dim: int = 40, sr: int = 2, depth: int = 2, heads: int = 2) -> RoutedStage:
+    stage = RoutedStage(dim=dim, depth=depth, num_heads=heads, sr_ratio=sr, mlp_ratio=4)
+    for p in stage.parameters():  # non-trivial norms/biases
+        torch.nn.init.normal_(p, 0, 0.1)
+    return stage.eval()
+
+
+def _both(stage: RoutedStage, x, hw, keep, monkeypatch=None):
+    """(native result, Python result, whether the native program ran)."""
+    ran = []
+    real = native_stage.packed_forward
+
+    def spy(*args):
+        out = real(*args)
+        ran.append(out is not None)
+        return out
+    if monkeypatch is not None:
+        from dit_mm import blocks
+        monkeypatch.setattr(blocks, 'packed_forward', spy)
+    with torch.no_grad():
+        stage.native = True
+        fast = stage.forward_sparse(x, hw, keep)
+        stage.native = False
+        slow = stage.forward_sparse(x, hw, keep)
+    stage.native = True
+    return fast, slow, ran
+
+
+@pytest.mark.parametrize('sr, dim, heads', [(1, 40, 2), (2, 40, 2), (2, 64, 1), (4, 24, 3)])
+def test_native_stage_equals_the_python_path_bit_for_bit(monkeypatch, sr, dim, heads):
+    """Same ops in the same order: identical values, at unequal per-image
+    counts with an image that keeps nothing, without (sr = 1) and with a
+    spatial reduction, channel counts off the vector width."""
+    stage = _stage(dim, sr, depth=3, heads=heads)
+    H, W = 8, 12
+    x = torch.randn(4, H * W, dim)
+    keep = torch.rand(4, H * W) < torch.tensor([[0.1], [0.0], [0.6], [0.85]])
+    fast, slow, ran = _both(stage, x, (H, W), keep, monkeypatch)
+    assert ran == [True]
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast[~keep], x[~keep]) and not torch.allclose(fast[keep], x[keep])
+
+
+def test_native_stage_at_batch_one_with_large_gemms(monkeypatch):
+    """K large enough for the reordered oneDNN GEMMs (not only F.linear)."""
+    stage = _stage(64, 2, depth=2, heads=2)
+    x = torch.randn(1, 32 * 32, 64)
+    keep = torch.rand(1, 1024) < 0.5
+    fast, slow, ran = _both(stage, x, (32, 32), keep, monkeypatch)
+    assert ran == [True] and torch.equal(fast, slow)
+
+
+def test_plan_follows_weight_and_module_changes():
+    """In-place updates, a swapped ``.data``, a replaced submodule and the
+    fused-attention switch each rebuild the plan: the native result keeps
+    equal to the Python path's."""
+    stage = _stage()
+    x = torch.randn(2, 48, 40)
+    keep = torch.rand(2, 48) < 0.5
+    blk = stage.blocks[0]
+
+    def agree():
+        fast, slow, _ = _both(stage, x, (6, 8), keep)
+        assert torch.equal(fast, slow)
+        return fast
+    first = agree()
+    with torch.no_grad():
+        blk.mlp.fc1.weight.mul_(1.5)  # optimiser step / load_state_dict
+    second = agree()
+    assert not torch.equal(first, second)
+    blk.attn.q.bias.data = blk.attn.q.bias.data + 0.3  # new storage, same Parameter
+    third = agree()
+    assert not torch.equal(second, third)
+    blk.mlp.fc2 = torch.nn.Linear(blk.mlp.fc2.in_features, 40)  # a new module
+    assert not torch.equal(third, agree())
+    blk.attn.fused_attn = False  # explicit attention: not covered, Python path
+    assert native_stage.packed_forward(stage, x, (6, 8), keep.reshape(-1).nonzero()[:, 0]) is None
+    blk.attn.fused_attn = True
+    assert native_stage.packed_forward(stage, x, (6, 8), keep.reshape(-1).nonzero()[:, 0]) \
+        is not None
+
+
+def test_uncovered_stages_keep_the_python_path(monkeypatch):
+    """A block the program does not compute (here: tanh GELU) gets no plan."""
+    stage = _stage()
+    stage.blocks[1].mlp.act = torch.nn.GELU(approximate='tanh')
+    x = torch.randn(2, 48, 40)
+    keep = torch.rand(2, 48) < 0.5
+    fast, slow, ran = _both(stage, x, (6, 8), keep, monkeypatch)
+    assert ran == [False] and torch.equal(fast, slow)
+
+
+def test_switches_and_input_checks(monkeypatch):
+    stage = _stage()
+    x = torch.randn(1, 48, 40)
+    with torch.no_grad():
+        assert native_stage.native_applies(stage, x)
+        monkeypatch.setenv('DIT_MM_NO_NATIVE', '1')
+        assert not native_stage.native_applies(stage, x)
+        monkeypatch.delenv('DIT_MM_NO_NATIVE')
+        stage.native = False
+        assert not native_stage.native_applies(stage, x)
+        stage.native = True
+        assert not native_stage.native_applies(stage, x.double())
+        with pytest.raises(RuntimeError, match='strictly increasing'):
+            native_stage.packed_forward(stage, x, (6, 8), torch.tensor([3, 2, 10]))
+        with pytest.raises(RuntimeError, match='strictly increasing'):
+            native_stage.packed_forward(stage, x, (6, 8), torch.tensor([3, 48]))
+    assert not native_stage.native_applies(stage, x.requires_grad_())  # autograd
