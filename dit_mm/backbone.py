@@ -48,18 +48,51 @@ class RoutingRecord:
         masks: Node ``(i, j)`` -> boolean ``(B, h, w)`` kept-token map.
         col_gates: Column edges whose gate was evaluated.
         row_gates: Nodes whose row gate was evaluated.
+
+    A gated node is recorded by :meth:`add_gated_row` as its per-token
+    probabilities and decisions; ``rows`` and ``active`` reduce them on first
+    access (an inference that never asks for its cost skips ~10 small ops per
+    node: 1-2 ms of a 35 ms DiT-b2 forward at 224x224).
     """
 
     size: Tuple[int, int]
     batch: int
     device: torch.device
     embeds: Dict[Node, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    rows: Dict[Node, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    active: Dict[Node, torch.Tensor] = field(default_factory=dict)
     masks: Dict[Node, torch.Tensor] = field(default_factory=dict)
     col_gates: List[Node] = field(default_factory=list)
     row_gates: List[Node] = field(default_factory=list)
     spent: Optional[Tuple[GridCost, torch.Tensor, torch.Tensor]] = None  # cache
+    _rows: Dict[Node, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _active: Dict[Node, torch.Tensor] = field(default_factory=dict)
+    _pending: Dict[Node, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> Dict[Node, Tuple[torch.Tensor, torch.Tensor]]:
+        self._settle()
+        return self._rows
+
+    @property
+    def active(self) -> Dict[Node, torch.Tensor]:
+        self._settle()
+        return self._active
+
+    def add_row(self, node: Node, expected: torch.Tensor, real: torch.Tensor) -> None:
+        """An ungated node's ``(expected, real)`` kept fractions per image."""
+        self._settle()  # keeps the nodes in forward order
+        self._rows[node] = (expected, real)
+
+    def add_gated_row(self, node: Node, prob: torch.Tensor, keep: torch.Tensor) -> None:
+        """A gated node's keep probabilities and hard decisions ``(B, N)``."""
+        self._rows[node] = None  # type: ignore[assignment]  # holds the node's place
+        self._pending[node] = (prob, keep)
+
+    def _settle(self) -> None:
+        for node, (prob, keep) in self._pending.items():
+            self._rows[node] = (prob.mean(dim=1), keep.detach().float().mean(dim=1))
+            skip_all = torch.log1p(-prob.clamp(max=1 - 1e-6)).sum(dim=1)
+            self._active[node] = -torch.expm1(skip_all)
+        self._pending.clear()
 
 
 @MODELS.register_module()
@@ -345,7 +378,7 @@ class DiT(BaseModule):
             self.keep_ratio is not None or (self.routing == 'dynamic' and self.depth_routing))
         if not gated:
             ones = x.new_ones(B, dtype=torch.float32)
-            rec.rows[(i, j)] = (ones, ones)
+            rec.add_row((i, j), ones, ones)
             return stage.forward_dense(x, hw)
         with scope('dit::gate'):
             out = self._row_gate(i, j, x)
@@ -353,17 +386,15 @@ class DiT(BaseModule):
             if self.keep_ratio is not None:
                 keep = self._top_k(out, N)
         rec.row_gates.append((i, j))
-        real = keep.detach().float()
-        rec.rows[(i, j)] = (out.prob.mean(dim=1), real.mean(dim=1))
-        skip_all = torch.log1p(-out.prob.clamp(max=1 - 1e-6)).sum(dim=1)
-        rec.active[(i, j)] = -torch.expm1(skip_all)
-        rec.masks[(i, j)] = real.bool().view(B, *hw)
+        rec.add_gated_row((i, j), out.prob, keep)
+        kept = keep.detach() > 0.5
+        rec.masks[(i, j)] = kept.view(B, *hw)
         if self.training:
             if self.sparse_training:
-                y = stage.forward_sparse(x, hw, keep.detach() > 0.5)
+                y = stage.forward_sparse(x, hw, kept)
                 return x + keep.unsqueeze(-1).to(y.dtype) * (y - x)
             return stage.forward_masked(x, hw, keep)
-        return stage.forward_sparse(x, hw, keep > 0.5)
+        return stage.forward_sparse(x, hw, kept)
 
     def _row_gate(self, i: int, j: int, x: torch.Tensor) -> GateOutput:
         if self.gate_type == 'learned':

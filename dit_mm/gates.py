@@ -126,7 +126,10 @@ class _EMALinearGate(nn.Module):
             w, b = self.proj.weight, self.proj.bias
         else:
             w, b = self.ema_weight, self.ema_bias
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        if torch.is_autocast_enabled(x.device.type):  # the gate runs in float32
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = F.linear(x.float(), w.float(), b.float())
+        else:  # (entering the context costs as much as the GEMV here)
             logits = F.linear(x.float(), w.float(), b.float())
         return logits[..., 1] - logits[..., 0]
 
