@@ -36,10 +36,13 @@ from .onednn import linear_module as _linear
 from .profiling import scope
 from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, write_rows
 
+#: Without the C++ stage program (:mod:`dit_mm.native_stage`),
 #: :meth:`RoutedStage.forward_sparse` computes densely (with skipped tokens
 #: held, same values) when more than this fraction of a node's tokens is kept.
 #: Whole DiT-b2, packed / held at r = 0.85 and 0.92 kept: 0.92 / 0.96 at 224²
-#: batch 1, 0.90 / 0.98 at 512² batch 1, 0.93 / 1.01 at 224² batch 4.
+#: batch 1, 0.90 / 0.98 at 512² batch 1, 0.93 / 1.01 at 224² batch 4. The
+#: program packs at any fraction: at 0.92 kept it took 77 / 296 / 461 ms
+#: packed against 87 / 310 / 491 ms held (224² b1, 224² b4, 512² b1).
 DENSE_ABOVE = 0.9
 
 #: The same threshold off the CPU. The packed path has no GPU kernels here
@@ -82,7 +85,13 @@ class RoutedStage(nn.Module):
 
     # ------------------------------------------------------------------ dense
     def forward_dense(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        """All tokens through all blocks: ``(B, N, C) -> (B, N, C)``."""
+        """All tokens through all blocks: ``(B, N, C) -> (B, N, C)``; at
+        float32 CPU inference through the C++ stage program (same values up
+        to float rounding: folded norms, the depthwise kernel)."""
+        if native_applies(self, x):  # the C++ program with every token kept
+            out = packed_forward(self, x, hw, torch.arange(x.shape[0] * x.shape[1]))
+            if out is not None:
+                return out
         for blk in self.blocks:
             x = _block(blk, x, hw)
         return self.norm(x)
@@ -122,10 +131,11 @@ class RoutedStage(nn.Module):
     # ----------------------------------------------------------------- sparse
     def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],
                        keep: torch.Tensor) -> torch.Tensor:
-        """Inference path: computes only the kept tokens (densely, with the
-        same values, when more than ``self.dense_above`` of them are kept, or
-        ``self.dense_above_accelerator`` off the CPU, and
-        autograd is off).
+        """Inference path: computes only the kept tokens. Float32 CPU
+        inference runs the C++ stage program (:mod:`dit_mm.native_stage`);
+        elsewhere the Python path computes densely (with the same values)
+        when more than ``self.dense_above`` of the tokens are kept, or
+        ``self.dense_above_accelerator`` off the CPU, and autograd is off.
 
         Args:
             x: Tokens ``(B, N, C)``.
@@ -141,6 +151,10 @@ class RoutedStage(nn.Module):
             idx = keep.reshape(-1).nonzero().squeeze(1)  # sorted: images are contiguous
         if idx.numel() == 0:
             return x
+        if native_applies(self, x):  # the same ops from C++ (dit_mm.native_stage);
+            out = packed_forward(self, x, hw, idx)  # packs at any kept fraction
+            if out is not None:
+                return out
         if idx.numel() == B * N:
             return self.forward_dense(x, hw)
         dense_above = self.dense_above if x.device.type == 'cpu' else self.dense_above_accelerator
@@ -148,10 +162,6 @@ class RoutedStage(nn.Module):
             # packing pays off below ~90 % kept (benchmarks/bench_backbone.py);
             # above, dense compute with held tokens gives the same values
             return self._forward_held(x, hw, (~keep).reshape(-1).nonzero().squeeze(1))
-        if native_applies(self, x):  # the same ops from C++ (dit_mm.native_stage)
-            out = packed_forward(self, x, hw, idx)
-            if out is not None:
-                return out
         K = idx.numel()
         with scope('dit::gather'):
             counts = keep.sum(dim=1).tolist()

@@ -62,6 +62,22 @@ def test_native_stage_at_batch_one_with_large_gemms(monkeypatch):
     assert ran == [True] and torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize('sr', [1, 2])
+def test_native_dense_stage_matches_pvtv2_blocks(sr):
+    """Every token kept: the program's dense mode (folded norms, batched
+    attention, the kernel's depthwise conv) against timm's blocks in
+    Python, and the packed route at 100 % kept takes it too."""
+    stage = _stage(40, sr, depth=2)
+    x = torch.randn(3, 48, 40)
+    with torch.no_grad():
+        fast = stage.forward_dense(x, (6, 8))
+        packed = stage.forward_sparse(x, (6, 8), torch.ones(3, 48, dtype=torch.bool))
+        stage.native = False
+        slow = stage.forward_dense(x, (6, 8))
+    assert torch.equal(fast, packed)
+    assert torch.allclose(fast, slow, atol=1e-5) and not torch.allclose(fast, x, atol=0.1)
+
+
 def test_plan_follows_weight_and_module_changes():
     """In-place updates, a swapped ``.data``, a replaced submodule and the
     fused-attention switch each rebuild the plan: the native result keeps

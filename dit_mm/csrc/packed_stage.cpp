@@ -75,7 +75,8 @@ Tensor linear(const Tensor& x, const Linear& l, int64_t plain_macs, int64_t plai
 // stride (0, 0 without one), then onednn.PLAIN_MACS and PLAIN_WEIGHT. eps:
 // per block norm1, the SR norm and norm2, then the stage norm. Returns a new
 // (B, N, C) map: kept tokens through the blocks and the stage norm, skipped
-// tokens as in x.
+// tokens as in x. With every token kept it is PVTv2's dense stage (folded
+// norms, the kernel's depthwise conv).
 torch::Tensor packed_stage(torch::Tensor x, torch::Tensor idx, int64_t H, int64_t W,
                            std::vector<std::optional<torch::Tensor>> params,
                            std::vector<int64_t> ints, std::vector<double> eps) {
@@ -92,6 +93,8 @@ torch::Tensor packed_stage(torch::Tensor x, torch::Tensor idx, int64_t H, int64_
               "packed_stage: malformed parameter lists");
   const int64_t plain_macs = ints[depth * kInts], plain_weight = ints[depth * kInts + 1];
   const int64_t K = idx.size(0);
+  // every token kept (idx = 0..B*N-1): no gather/scatter, batched attention
+  const bool all = K == B * N;
   Tensor nbr, t, base = x.view({B * N, C});
   std::vector<int64_t> counts(B, 0);
   {
@@ -103,20 +106,22 @@ torch::Tensor packed_stage(torch::Tensor x, torch::Tensor idx, int64_t H, int64_
       counts[ip[k] / N] += 1;
     }
     nbr = neighbours(idx, B, H, W);
-    t = base.index_select(0, idx);
+    t = all ? base : base.index_select(0, idx);  // t is never written in place
   }
   auto P = [&](int64_t blk, int64_t i) -> const OptTensor& { return params[blk * kParams + i]; };
   auto L = [&](int64_t blk, int64_t i) { return Linear{*P(blk, i), P(blk, i + 1), P(blk, i + 2)}; };
   // LayerNorm without affine through the affine kernel (2x faster here)
   const Tensor ones = at::ones({C}, x.options()), zeros = at::zeros({C}, x.options());
-  Tensor normed = at::layer_norm(base, {C}, ones, zeros, eps[0]);
+  Tensor normed = all ? Tensor() : at::layer_norm(base, {C}, ones, zeros, eps[0]);
   Tensor hidden;
   for (int64_t blk = 0; blk < depth; ++blk) {
     const int64_t heads = ints[blk * kInts], sy = ints[blk * kInts + 1], sx = ints[blk * kInts + 2];
     TORCH_CHECK(heads > 0 && C % heads == 0, "packed_stage: bad head count");
     const int64_t hd = C / heads;
     Tensor t_hat = at::layer_norm(t, {C}, ones, zeros, eps[blk * kEps]);
-    {
+    if (all) {
+      normed = t_hat;
+    } else {
       RECORD_FUNCTION("dit::scatter", std::vector<c10::IValue>());
       scatter_rows(normed, idx, t_hat);
     }
@@ -135,8 +140,8 @@ torch::Tensor packed_stage(torch::Tensor x, torch::Tensor idx, int64_t H, int64_
     kv = kv.reshape({B, -1, 2, heads, hd}).permute({2, 0, 3, 1, 4});
     const Tensor k = kv.select(0, 0), v = kv.select(0, 1);
     Tensor o;
-    if (B == 1) {
-      o = at::scaled_dot_product_attention(q.view({1, K, heads, hd}).transpose(1, 2), k, v)
+    if (B == 1 || all) {
+      o = at::scaled_dot_product_attention(q.view({B, K / B, heads, hd}).transpose(1, 2), k, v)
               .transpose(1, 2).reshape({K, C});
     } else {  // per image: its queries against its keys
       std::vector<Tensor> outs;
@@ -163,6 +168,7 @@ torch::Tensor packed_stage(torch::Tensor x, torch::Tensor idx, int64_t H, int64_
   }
   t = at::layer_norm(t, {C}, params[depth * kParams], params[depth * kParams + 1],
                      eps[depth * kEps]);
+  if (all) return t.view({B, N, C});
   RECORD_FUNCTION("dit::scatter", std::vector<c10::IValue>());
   Tensor out = base.clone(at::MemoryFormat::Contiguous);
   scatter_rows(out, idx, t);
