@@ -25,7 +25,7 @@ from .grid import (
     node_key,
     resolve_arch,
 )
-from .onednn import conv2d
+from .onednn import conv2d, forget_prepared
 from .profiling import scope
 
 KeepRatio = Union[None, float, Sequence[float]]
@@ -281,6 +281,13 @@ class DiT(BaseModule):
         self.apply(_init_pvt_module)
         for g in list(self.row_gates.values()) + list(self.col_gates.values()):
             g.reset_parameters()
+
+    def train(self, mode: bool = True) -> DiT:
+        # prepared (reordered, folded) weights are rebuilt after a mode switch:
+        # mmengine's EMAHook swaps weights with p.data.copy_, which bumps no
+        # version counter, just before validation
+        forget_prepared(self)
+        return super().train(mode)
 
     @torch.no_grad()
     def update_gate_ema(self) -> None:

@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
 
-from .native_stage import native_applies, packed_forward
-from .onednn import conv2d, linear, prepared
+from .native_stage import forget, native_applies, packed_forward
+from .onednn import conv2d, forget_prepared, linear, prepared
 from .onednn import linear_module as _linear
 from .profiling import scope
 from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, write_rows
@@ -82,6 +82,19 @@ class RoutedStage(nn.Module):
         #: run the packed path as one C++ call where it applies
         #: (:mod:`dit_mm.native_stage`)
         self.native = True
+
+    def train(self, mode: bool = True) -> RoutedStage:
+        # weights may have been swapped without a version bump in between
+        # (p.data.copy_: mmengine's EMAHook before validation)
+        forget_prepared(self)
+        forget(self)
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        # moves and casts replace parameter data
+        out = super()._apply(*args, **kwargs)
+        forget(self)
+        return out
 
     # ------------------------------------------------------------------ dense
     def forward_dense(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.modules.module as _nn_module
 
 from . import onednn, sparse_ops
 
@@ -39,8 +41,39 @@ BLOCK_PARAMS = ('q_weight', 'q_packed', 'q_bias', 'sr_packed', 'sr_bias',
 
 Plan = Tuple[List[Optional[torch.Tensor]], List[int], List[float]]
 
-# stage -> (module ids, parameter stamp, plan or None)
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+@dataclass
+class _Entry:
+    generation: int  # of _GENERATION when last checked in full
+    ids: List[object]  # the stage's module tree
+    switches: List[object]  # timm's fused_attn per block
+    stamp: List[int]  # data pointer and version of every parameter
+    params: List[torch.Tensor]  # the parameters (their storages stay pinned)
+    versions: List[int]  # their versions
+    plan: Optional[Plan]
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
+
+#: Bumped whenever a module or parameter is assigned anywhere (torch's global
+#: registration hooks) and by :func:`forget`: until it moves, a plan is
+#: checked by its parameters' versions only (the full check walks the
+#: module tree: ~1 ms per DiT-b2 forward).
+_GENERATION = [0]
+
+
+def _bump(*_args) -> None:
+    _GENERATION[0] += 1
+
+
+_nn_module.register_module_module_registration_hook(_bump)
+_nn_module.register_module_parameter_registration_hook(_bump)
+
+
+def forget(stage: nn.Module) -> None:
+    """Drops the plan of ``stage`` (see :func:`dit_mm.onednn.forget_prepared`)."""
+    _PLANS.pop(stage, None)
+    _bump()
 
 
 def native_applies(stage: nn.Module, x: torch.Tensor) -> bool:
@@ -74,12 +107,21 @@ def packed_forward(stage: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
 
 
 def _plan(stage: nn.Module) -> Optional[Plan]:
-    """The cached plan of ``stage``, rebuilt when a parameter or submodule
-    changed (storage, version or identity) or timm's ``fused_attn`` switch
-    was flipped. Other settings of existing modules are read when the plan
-    is built. The check walks the module tree once (~45 us for a 6-block
-    stage; the parameter check cannot be cached across calls: optimiser
-    steps and ``load_state_dict`` update parameters in place)."""
+    """The plan of ``stage``, rebuilt when a parameter or submodule changed.
+
+    Detected: in-place updates (version counters: optimiser steps,
+    ``load_state_dict``), assigned modules and parameters, moves and casts
+    (``_apply``), and ``train()`` / ``eval()`` (which drop the plan, for
+    ``p.data.copy_``, mmengine's ``EMAHook`` swap). Not detected: writing
+    through ``p.data`` of a model left in eval mode; call :func:`forget`
+    then. Other settings of existing modules are read when the plan is
+    built, except timm's ``fused_attn`` switch, which is checked.
+    """
+    hit = _PLANS.get(stage)
+    switches = [getattr(blk.attn, 'fused_attn', None) for blk in stage.blocks]
+    if hit is not None and hit.generation == _GENERATION[0] and hit.switches == switches \
+            and [p._version for p in hit.params] == hit.versions:
+        return hit.plan
     modules: List[Optional[nn.Module]] = [stage]
     stamp: List[int] = []
     params: List[torch.Tensor] = []
@@ -91,15 +133,13 @@ def _plan(stage: nn.Module) -> Optional[Plan]:
             if p is not None:
                 params.append(p)
                 stamp += (p.data_ptr(), p._version)
-    ids = list(map(id, modules))
-    ids += [getattr(blk.attn, 'fused_attn', None) for blk in stage.blocks]  # timm's switch
-    hit = _PLANS.get(stage)
-    if hit is not None and hit[0] == ids and hit[1] == stamp:
-        return hit[2]
-    with torch.no_grad():
-        plan = _build(stage)
-    # the entry pins the storages it was made from (no reuse of their addresses)
-    _PLANS[stage] = (ids, stamp, plan, [p.untyped_storage() for p in params])
+    ids: List[object] = list(map(id, modules))
+    if hit is not None and hit.ids == ids and hit.stamp == stamp and hit.switches == switches:
+        plan = hit.plan
+    else:
+        with torch.no_grad():
+            plan = _build(stage)
+    _PLANS[stage] = _Entry(_GENERATION[0], ids, switches, stamp, params, stamp[1::2], plan)
     return plan
 
 

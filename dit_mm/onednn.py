@@ -70,6 +70,16 @@ def prepared(owner: nn.Module, key: str, fn: Callable[..., T],
     return value
 
 
+def forget_prepared(module: nn.Module) -> None:
+    """Drops the prepared weights of ``module`` and its submodules, for
+    weight changes that bump no version counter: ``p.data.copy_(...)`` (as
+    mmengine's ``EMAHook`` swaps in the averaged weights before validation)
+    or ``p.data = ...`` on a tensor of the same storage. The routed stages and
+    the backbone call it on every ``train()`` / ``eval()``."""
+    for m in module.modules():
+        _PREPARED.pop(m, None)
+
+
 def onednn_applies(x: torch.Tensor) -> bool:
     """Whether :func:`linear` with autograd sends ``x`` to oneDNN's 1x1
     convolution: float32 CPU tensors of more than 20480 elements (below that

@@ -254,3 +254,24 @@ def test_sparse_training_matches_masked_values_and_trains_gates():
         masked = model(x)
     for a, b in zip(sparse, masked):  # same Gumbel draws, same values
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_weights_swapped_through_data_are_used_after_eval():
+    """mmengine's EMAHook swaps weights with ``p.data.copy_`` (no version
+    bump) before ``model.eval()``: the reordered / folded weights and the
+    stage programs must not keep the old ones."""
+    from dit_mm import DiT
+    torch.manual_seed(0)
+    old = DiT(arch='b0', routing='full', keep_ratio=0.5).eval()
+    new = DiT(arch='b0', routing='full', keep_ratio=0.5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = new(x)
+        old(x)  # builds the caches
+        for a, b in zip(old.state_dict().values(), new.state_dict().values()):
+            a.data.copy_(b.data)
+        old.train()
+        old.eval()
+        got = old(x)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)

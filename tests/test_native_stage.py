@@ -79,33 +79,36 @@ def test_native_dense_stage_matches_pvtv2_blocks(sr):
 
 
 def test_plan_follows_weight_and_module_changes():
-    """In-place updates, a swapped ``.data``, a replaced submodule and the
+    """In-place updates, a weight swap through ``.data`` followed by
+    ``eval()`` (mmengine's EMAHook), a cast, a replaced submodule and the
     fused-attention switch each rebuild the plan: the native result keeps
     equal to the Python path's."""
     stage = _stage()
     x = torch.randn(2, 48, 40)
     keep = torch.rand(2, 48) < 0.5
+    idx = keep.reshape(-1).nonzero()[:, 0]
     blk = stage.blocks[0]
 
     def agree():
         fast, slow, _ = _both(stage, x, (6, 8), keep)
         assert torch.equal(fast, slow)
         return fast
-    first = agree()
+    results = [agree()]
     with torch.no_grad():
         blk.mlp.fc1.weight.mul_(1.5)  # optimiser step / load_state_dict
-    second = agree()
-    assert not torch.equal(first, second)
-    blk.attn.q.bias.data = blk.attn.q.bias.data + 0.3  # new storage, same Parameter
-    third = agree()
-    assert not torch.equal(second, third)
+    results.append(agree())
+    blk.attn.q.bias.data.copy_(torch.randn(40))  # no version bump ...
+    stage.eval()  # ... but the mode switch drops the plan
+    results.append(agree())
+    stage.half().float()  # _apply: new storages (values rounded to half)
+    results.append(agree())
     blk.mlp.fc2 = torch.nn.Linear(blk.mlp.fc2.in_features, 40)  # a new module
-    assert not torch.equal(third, agree())
+    results.append(agree())
+    assert all(not torch.equal(a, b) for a, b in zip(results, results[1:]))
     blk.attn.fused_attn = False  # explicit attention: not covered, Python path
-    assert native_stage.packed_forward(stage, x, (6, 8), keep.reshape(-1).nonzero()[:, 0]) is None
+    assert native_stage.packed_forward(stage, x, (6, 8), idx) is None
     blk.attn.fused_attn = True
-    assert native_stage.packed_forward(stage, x, (6, 8), keep.reshape(-1).nonzero()[:, 0]) \
-        is not None
+    assert native_stage.packed_forward(stage, x, (6, 8), idx) is not None
 
 
 def test_uncovered_stages_keep_the_python_path(monkeypatch):
