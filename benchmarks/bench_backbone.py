@@ -12,7 +12,8 @@ all variants alike; every sample is kept in the JSON. It measures, in one run:
   with ``routing='static'`` (same weights through the converter);
 * skip efficiency: DiT-b2 ``routing='full'`` with ``keep_ratio`` 1.0, 0.75,
   0.5, 0.25 at batch 1 and at batch 4 with unequal per-image ratios whose mean
-  is the ratio; next to it, the real-FLOPs ratio from ``backbone.flops()``;
+  is the ratio; next to it, the real-FLOPs ratio from ``backbone.flops()``,
+  and r = 1.0 once more without the C++ stage program (Python blocks);
 * gate/gather/scatter overhead at r = 1.0 and 0.5 with ``torch.profiler``
   (the ``dit::*`` scopes), as a share of backbone time;
 * a whole Mask R-CNN forward (eval) with DiT-b2 against PVTv2-b2 at 512x512;
@@ -113,6 +114,9 @@ def bench_backbones(sizes: Sequence[int], batches: Sequence[int], rounds: int) -
                      for r in RATIOS}
             for r, view in views.items():
                 variants[f'dit_full_r{r}'] = view.runner(x)
+            # the dense route without the C++ stage program: what r = 1 cost
+            # before it (the Python blocks), for reference only
+            variants['dit_full_r1.0_python'] = DiTView(dit, 'full', 1.0, native=False).runner(x)
             samples: Dict[str, List[float]] = {}
             times = interleaved(variants, rounds, spread=samples)
             flops = {r: view.real_flops(x) for r, view in views.items()}
@@ -122,6 +126,7 @@ def bench_backbones(sizes: Sequence[int], batches: Sequence[int], rounds: int) -
             rows.append(dict(
                 size=size, batch=batch, times_s=times, samples_s=samples,
                 static_over_pvt=times['dit_static'] / times['pvtv2_mmdet'],
+                python_dense_over_native=times['dit_full_r1.0_python'] / base_t,
                 skip=[dict(keep_ratio=r, per_image=per_image_ratios(r, batch),
                            latency_ratio=times[f'dit_full_r{r}'] / base_t,
                            real_flops_ratio=flops[r] / base_f,
@@ -174,12 +179,17 @@ def bench_backbones_per_allocator(modes: Sequence[str], sizes: Sequence[int],
 class DiTView:
     """Runs one DiT under a given routing/keep_ratio (shared weights)."""
 
-    def __init__(self, model, routing: str, keep_ratio) -> None:
+    def __init__(self, model, routing: str, keep_ratio, native: bool = True) -> None:
+        from dit_mm.blocks import RoutedStage
         self.model, self.routing, self.keep_ratio = model, routing, keep_ratio
+        self.native = native  # the C++ stage program (dit_mm.native_stage)
+        self.stages = [m for m in model.modules() if isinstance(m, RoutedStage)]
 
     def _set(self):
         self.model.routing = self.routing
         self.model.keep_ratio = self.keep_ratio
+        for stage in self.stages:
+            stage.native = self.native
 
     def runner(self, x):
         def run():
@@ -382,15 +392,16 @@ def peak_memory(size: int, batch: int, threads: int) -> Dict[str, float]:
 
 def print_table(res: dict) -> None:
     print('\n## Static path overhead and skip efficiency (DiT-b2, medians)')
-    print('| malloc | input | batch | DiT static / PVTv2 | r | latency(r)/latency(1) '
-          '| real FLOPs ratio | target |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('| malloc | input | batch | DiT static / PVTv2 | r = 1 Python / C++ | r '
+          '| latency(r)/latency(1) | real FLOPs ratio | target |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for row in res['backbones']:
         for s in row['skip']:
             tgt = f'<= {s["target"]:.2f}' if s['target'] else ''
             print(f'| {row.get("malloc", "system")} | {row["size"]}² | {row["batch"]} | '
-                  f'{row["static_over_pvt"]:.3f} | {s["keep_ratio"]} | '
-                  f'{s["latency_ratio"]:.3f} | {s["real_flops_ratio"]:.3f} | {tgt} |')
+                  f'{row["static_over_pvt"]:.3f} | {row["python_dense_over_native"]:.3f} | '
+                  f'{s["keep_ratio"]} | {s["latency_ratio"]:.3f} | '
+                  f'{s["real_flops_ratio"]:.3f} | {tgt} |')
     print('\n## Gate/gather/scatter share of backbone time (torch.profiler)')
     for p in res['profile']:
         parts = ', '.join(f'{k} {v * 100:.1f}%' for k, v in p['share'].items())
