@@ -92,6 +92,9 @@ torch::Tensor packed_stage(torch::Tensor x, torch::Tensor idx, int64_t H, int64_
               int64_t(eps.size()) == depth * kEps + 1,
               "packed_stage: malformed parameter lists");
   const int64_t plain_macs = ints[depth * kInts], plain_weight = ints[depth * kInts + 1];
+  // no Python object is touched below: other Python threads (a data loader,
+  // a memory sampler) run meanwhile
+  pybind11::gil_scoped_release no_gil;
   const int64_t K = idx.size(0);
   // every token kept (idx = 0..B*N-1): no gather/scatter, batched attention
   const bool all = K == B * N;
@@ -110,6 +113,9 @@ torch::Tensor packed_stage(torch::Tensor x, torch::Tensor idx, int64_t H, int64_
   }
   auto P = [&](int64_t blk, int64_t i) -> const OptTensor& { return params[blk * kParams + i]; };
   auto L = [&](int64_t blk, int64_t i) { return Linear{*P(blk, i), P(blk, i + 1), P(blk, i + 2)}; };
+  for (int64_t blk = 0; blk < depth; ++blk)  // the tensors dereferenced below
+    for (int64_t i : {0, 7, 10, 13, 14, 15, 18, 19, 20})
+      TORCH_CHECK(P(blk, i).has_value(), "packed_stage: missing parameter ", i, " of block ", blk);
   // LayerNorm without affine through the affine kernel (2x faster here)
   const Tensor ones = at::ones({C}, x.options()), zeros = at::zeros({C}, x.options());
   Tensor normed = all ? Tensor() : at::layer_norm(base, {C}, ones, zeros, eps[0]);
@@ -129,6 +135,7 @@ torch::Tensor packed_stage(torch::Tensor x, torch::Tensor idx, int64_t H, int64_
     Tensor q = linear(t_hat, L(blk, 0), plain_macs, plain_weight);
     Tensor kv;
     if (sy > 0) {
+      TORCH_CHECK(P(blk, 3).has_value(), "packed_stage: block ", blk, " has no SR conv weight");
       Tensor y = onednn_conv(normed.view({B, H, W, C}).permute({0, 3, 1, 2}), *P(blk, 3),
                              P(blk, 4), sy, sx);
       Tensor reduced = at::layer_norm(y.permute({0, 2, 3, 1}).reshape({B, -1, C}), {C},
