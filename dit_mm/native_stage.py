@@ -11,11 +11,12 @@ without the per-op overhead.
 Its weights come from a *plan* built once per weight version: norm1's affine
 folded into the query, SR conv and kv weights (as the Python path folds
 them), every GEMM weight also reordered for oneDNN, the depthwise taps
-transposed. A plan is kept while every parameter of the stage has the same
-storage and version and no submodule was replaced; anything else rebuilds
-it. Stages that the program does not cover (no fused attention, another
-norm or activation, a non-3x3 depthwise conv) get no plan and keep the
-Python path.
+transposed. A plan is rebuilt when a parameter changes (in place, or its
+storage), a module or parameter is assigned, the stage is cast or moved, or
+it switches ``train()`` / ``eval()`` (see :func:`_plan` for what is not
+detected). Stages that the program does not cover (no fused attention,
+another norm or activation, a non-3x3 depthwise conv) get no plan and keep
+the Python path.
 
 ``DIT_MM_NO_NATIVE=1`` (or ``RoutedStage.native = False``) turns it off.
 """

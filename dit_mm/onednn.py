@@ -72,10 +72,10 @@ def prepared(owner: nn.Module, key: str, fn: Callable[..., T],
 
 def forget_prepared(module: nn.Module) -> None:
     """Drops the prepared weights of ``module`` and its submodules, for
-    weight changes that bump no version counter: ``p.data.copy_(...)`` (as
-    mmengine's ``EMAHook`` swaps in the averaged weights before validation)
-    or ``p.data = ...`` on a tensor of the same storage. The routed stages and
-    the backbone call it on every ``train()`` / ``eval()``."""
+    weight changes that bump no version counter and keep the storage:
+    ``p.data.copy_(...)``, as mmengine's ``EMAHook`` swaps in the averaged
+    weights before validation. The routed stages and the backbone call it
+    on every ``train()`` / ``eval()``."""
     for m in module.modules():
         _PREPARED.pop(m, None)
 

@@ -67,8 +67,9 @@ def _extension():
                                    extra_ldflags=['-fopenmp'], verbose=False)
             except Exception as exc:  # no compiler, no headers: fall back, but say so
                 _ext_failed = True
-                print_log(f'dit_mm: sparse depthwise-conv kernel unavailable ({exc}); '
-                          'using the PyTorch fallback', logger='current', level=30)
+                print_log(f'dit_mm: C++ extension unavailable ({exc}); using the Python '
+                          'paths and the PyTorch depthwise-conv fallback', logger='current',
+                          level=30)
     return _ext
 
 
