@@ -185,6 +185,7 @@ def _build(stage: nn.Module) -> Optional[Plan]:
     params += [stage.norm.weight, stage.norm.bias]
     ints += [onednn.PLAIN_MACS, onednn.PLAIN_WEIGHT]
     epss.append(stage.norm.eps)
+    assert len(params) == len(BLOCK_PARAMS) * len(blocks) + 2, 'plan layout != BLOCK_PARAMS'
     # plain tensors on the same storage: the binding converts an
     # nn.Parameter several times slower than a tensor
     return [None if p is None else p.detach() for p in params], ints, epss

@@ -16,41 +16,32 @@ using OptTensor = std::optional<at::Tensor>;
 // dit_mm/native_stage.py) and per block in `ints` / `eps`.
 constexpr int64_t kParams = 23, kInts = 3, kEps = 3;
 
+// Runs a dispatcher op on boxed arguments; returns its single tensor output.
+Tensor call_boxed(const c10::OperatorHandle& op, torch::jit::Stack args) {
+  op.callBoxed(&args);
+  return args[0].toTensor();
+}
+
+c10::OperatorHandle find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
 // torch.ops.mkldnn._linear_pointwise(x, packed, b, 'none', [], '')
 Tensor onednn_linear(const Tensor& x, const Tensor& packed, const OptTensor& b) {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  torch::jit::Stack s;
-  s.reserve(6);
-  s.emplace_back(x);
-  s.emplace_back(packed);
-  s.emplace_back(b);
-  s.emplace_back(std::string("none"));
-  s.emplace_back(c10::List<std::optional<at::Scalar>>());
-  s.emplace_back(std::string(""));
-  op.callBoxed(&s);
-  return s[0].toTensor();
+  static const c10::OperatorHandle op = find_op("mkldnn::_linear_pointwise");
+  return call_boxed(op,
+                    {x, packed, b, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                     std::string("")});
 }
 
 // torch.ops.mkldnn._convolution_pointwise for a padding-free, ungrouped conv
 Tensor onednn_conv(const Tensor& x, const Tensor& packed, const OptTensor& b,
                    int64_t sy, int64_t sx) {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
-  torch::jit::Stack s;
-  s.reserve(10);
-  s.emplace_back(x);
-  s.emplace_back(packed);
-  s.emplace_back(b);
-  s.emplace_back(std::vector<int64_t>{0, 0});
-  s.emplace_back(std::vector<int64_t>{sy, sx});
-  s.emplace_back(std::vector<int64_t>{1, 1});
-  s.emplace_back(int64_t(1));
-  s.emplace_back(std::string("none"));
-  s.emplace_back(c10::List<std::optional<at::Scalar>>());
-  s.emplace_back(std::string(""));
-  op.callBoxed(&s);
-  return s[0].toTensor();
+  static const c10::OperatorHandle op = find_op("mkldnn::_convolution_pointwise");
+  return call_boxed(op,
+                    {x, packed, b, std::vector<int64_t>{0, 0}, std::vector<int64_t>{sy, sx},
+                     std::vector<int64_t>{1, 1}, int64_t(1), std::string("none"),
+                     c10::List<std::optional<at::Scalar>>(), std::string("")});
 }
 
 struct Linear {
