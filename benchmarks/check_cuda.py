@@ -12,9 +12,9 @@
    interleaved medians with the device synchronised, with the dense route
    (``dense_above_accelerator = 0``) and with packing forced (``1.0``).
 
-Two runs on NVIDIA H200 machines (torch 2.11): all differences <= 1e-5;
-DiT-b2 r = 1 32-34 ms; r = 0.75 / 0.5 / 0.25 45-54 ms on the dense route and
-47-71 ms packed; static 11.6-14.9 ms. Routing saves nothing on the GPU here.
+Three runs on NVIDIA H200 machines (torch 2.11): all differences <= 1e-5;
+DiT-b2 r = 1 32-34 ms; r = 0.75 / 0.5 / 0.25 40-54 ms on the dense route and
+38-71 ms packed; static 11.6-14.9 ms. Routing saves nothing on the GPU here.
 """
 from __future__ import annotations
 
