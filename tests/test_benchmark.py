@@ -27,3 +27,31 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert all(set(row['samples_s'][k]) for k in row['samples_s'])
     for prof in res['profile']:  # the dit:: scopes were recorded
         assert 'dit::gate' in prof['share'] and 0 < prof['total_share'] < 1
+
+
+def test_profile_ops_reports_every_kind_at_every_ratio(tmp_path):
+    """benchmarks/profile_ops.py on a small model: every ratio gets a row,
+    its kinds add up to its profiled total, and the FLOPs ratio falls with r
+    (no timing is asserted)."""
+    out = tmp_path / 'ops.json'
+    subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'profile_ops.py'), '--arch', 'b0',
+                    '--size', '64', '--batch', '2', '--ratios', '0.3', '1', '--rounds', '1',
+                    '--threads', '2', '--out', str(out)],
+                   check=True, cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [row['keep_ratio'] for row in res['rows']] == [1.0, 0.3]
+    for row in res['rows']:
+        assert set(row['ms']) == {'gemm', 'conv', 'attention', 'depthwise_conv', 'layer_norm',
+                                  'gates', 'other ops', 'outside ops'}
+        assert all(v >= 0 for v in row['ms'].values())
+        assert abs(sum(row['ms'].values()) - row['profiled_ms']) < 1e-6 * row['profiled_ms']
+        assert row['ms']['gemm'] > 0 and row['ms']['gates'] > 0 and row['wall_ms'] > 0
+    top, low = res['rows']
+    assert top['real_flops_ratio'] == 1.0 and 0 < low['real_flops_ratio'] < 1
+
+
+def test_profile_ops_rejects_bad_ratios():
+    proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'profile_ops.py'),
+                           '--ratios', '0', '--out', '/dev/null'],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and '--ratios must lie in (0, 1]' in proc.stderr
