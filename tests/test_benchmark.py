@@ -30,9 +30,10 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
 
 
 def test_profile_ops_reports_every_kind_at_every_ratio(tmp_path):
-    """benchmarks/profile_ops.py on a small model: every ratio gets a row,
-    its kinds add up to its profiled total, and the FLOPs ratio falls with r
-    (no timing is asserted)."""
+    """benchmarks/profile_ops.py on a small model: every ratio gets a row in
+    which the operators of a DiT forward land in their kinds (GEMMs, convs,
+    attention, norms, gates: the profiler's op names are matched), and the
+    FLOPs ratio falls with r (no timing is asserted)."""
     out = tmp_path / 'ops.json'
     subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'profile_ops.py'), '--arch', 'b0',
                     '--size', '64', '--batch', '2', '--ratios', '0.3', '1', '--rounds', '1',
@@ -43,9 +44,9 @@ def test_profile_ops_reports_every_kind_at_every_ratio(tmp_path):
     for row in res['rows']:
         assert set(row['ms']) == {'gemm', 'conv', 'attention', 'depthwise_conv', 'layer_norm',
                                   'gates', 'other ops', 'outside ops'}
-        assert all(v >= 0 for v in row['ms'].values())
-        assert abs(sum(row['ms'].values()) - row['profiled_ms']) < 1e-6 * row['profiled_ms']
-        assert row['ms']['gemm'] > 0 and row['ms']['gates'] > 0 and row['wall_ms'] > 0
+        assert all(v >= 0 for v in row['ms'].values()) and row['wall_ms'] > 0
+        assert all(row['ms'][kind] > 0
+                   for kind in ('gemm', 'conv', 'attention', 'layer_norm', 'gates')), row['ms']
     top, low = res['rows']
     assert top['real_flops_ratio'] == 1.0 and 0 < low['real_flops_ratio'] < 1
 
