@@ -1,20 +1,27 @@
 """CUDA check of DiT, for a machine with a GPU (CI has none).
 
-    python benchmarks/check_cuda.py [--out DIR]    # writes DIR/check_cuda.json
+    python benchmarks/check_cuda.py [--out DIR] [--timings 4x512 ...]
+                                    # writes DIR/check_cuda.json
 
 1. A ``RoutedStage``'s inference on CUDA, through the dense route (the
-   default off the CPU) and with packing forced, against the masked path and
+   default off the CPU above 60 % kept) and packed, against the masked path and
    against the CPU; the CPU-only kernels must be off.
 2. DiT-b0 outputs and real FLOPs on the CPU and on CUDA, per routing mode.
 3. A training step on CUDA with the budget loss, dense masked and
    ``sparse_training=True``: finite loss and gradients.
-4. DiT-b2 latency at 512x512, batch 4 (unequal per-image keep ratios),
-   interleaved medians with the device synchronised, with the dense route
-   (``dense_above_accelerator = 0``) and with packing forced (``1.0``).
+4. DiT-b2 latency at 512x512, batch 4 (``--timings``: other batches and
+   sizes; unequal per-image keep ratios at batch > 1), interleaved medians
+   with the device synchronised: with the dense route
+   (``dense_above_accelerator = 0``), with packing forced (``1``), and with
+   the default (``blocks.DENSE_ABOVE_ACCELERATOR``).
 
-Three runs on NVIDIA H200 machines (torch 2.11): all differences <= 1e-5;
-DiT-b2 r = 1 32-34 ms; r = 0.75 / 0.5 / 0.25 40-54 ms on the dense route and
-38-71 ms packed; static 11.6-14.9 ms. Routing saves nothing on the GPU here.
+Runs on NVIDIA H200 machines (torch 2.11): all differences <= 1e-5. DiT-b2
+at 512x512, batch 4 (six runs): r = 1 32-34 ms, r = 0.75 / 0.5 / 0.25 40-54
+ms on the dense route and 36-71 ms packed, static 11.6-14.9 ms: no savings.
+Larger inputs (r = 1, then packed at r = 0.5 / 0.25): 1024x1024, batch 8
+(three runs): 253, 210-214 / 153-157 ms; 512x512, batch 32 (two runs): 189,
+195-200 / 156-159 ms; 1024x1024, batch 2 (two runs): 72, 64 / 50 ms. See
+blocks.DENSE_ABOVE_ACCELERATOR for the threshold this sets.
 """
 from __future__ import annotations
 
@@ -24,13 +31,14 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from typing import Callable, Dict, List
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from dit_mm import DiT  # noqa: E402
+from dit_mm import DiT, blocks  # noqa: E402
 from dit_mm.blocks import RoutedStage  # noqa: E402
 from dit_mm.onednn import packed_applies  # noqa: E402
 from dit_mm.sparse_ops import kernel_applies  # noqa: E402
@@ -46,6 +54,7 @@ def check_stage(dev: str) -> dict:
         on_cpu = stage.forward_sparse(x, (24, 24), keep)
         stage.to(dev)
         xd, kd = x.to(dev), keep.to(dev)
+        stage.dense_above_accelerator = 0.0  # the dense route with held tokens
         held = stage.forward_sparse(xd, (24, 24), kd)
         masked = stage.forward_masked(xd, (24, 24), kd.float())
         stage.dense_above_accelerator = 1.0
@@ -98,12 +107,14 @@ def _ratios(r: float, batch: int) -> List[float]:
     return [r + spread * (2 * i / (batch - 1) - 1) for i in range(batch)]
 
 
-def time_b2(dev: str, rounds: int = 5, warmup: int = 3) -> Dict[str, float]:
+def time_b2(dev: str, batch: int = 4, size: int = 512, rounds: int = 5,
+            warmup: int = 3) -> Dict[str, float]:
     model = DiT('b2', routing='full').eval().to(dev)
     model.init_weights()
-    x = torch.randn(4, 3, 512, 512, device=dev)
+    x = torch.randn(batch, 3, size, size, device=dev)
 
-    def variant(routing: str, ratio, dense_above: float) -> Callable[[], None]:
+    def variant(routing: str, ratio,
+                dense_above: float = blocks.DENSE_ABOVE_ACCELERATOR) -> Callable[[], None]:
         def run() -> None:
             model.routing, model.keep_ratio = routing, ratio
             for mod in model.modules():
@@ -112,10 +123,12 @@ def time_b2(dev: str, rounds: int = 5, warmup: int = 3) -> Dict[str, float]:
             with torch.no_grad():
                 model(x)
         return run
-    variants = {'static': variant('static', None, 0.0), 'r1.0': variant('full', None, 0.0)}
+    variants = {'static': variant('static', None), 'r1.0': variant('full', None)}
     for r in (0.75, 0.5, 0.25):
-        variants[f'r{r}_dense_route'] = variant('full', _ratios(r, 4), 0.0)
-        variants[f'r{r}_packed'] = variant('full', _ratios(r, 4), 1.0)
+        ratios = _ratios(r, batch) if batch > 1 else r
+        variants[f'r{r}_dense_route'] = variant('full', ratios, 0.0)
+        variants[f'r{r}_packed'] = variant('full', ratios, 1.0)
+        variants[f'r{r}_default'] = variant('full', ratios)  # the modules' defaults
     samples: Dict[str, List[float]] = {k: [] for k in variants}
     for i in range(warmup + rounds):
         for k, fn in variants.items():
@@ -131,15 +144,26 @@ def time_b2(dev: str, rounds: int = 5, warmup: int = 3) -> Dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default=os.environ.get('OUT', '/tmp/out'))
+    parser.add_argument('--timings', nargs='+', default=['4x512'], metavar='BATCHxSIZE',
+                        help='inputs at which DiT-b2 is timed (default: 4x512)')
     args = parser.parse_args()
+    try:
+        timings = [tuple(int(v) for v in t.lower().split('x')) for t in args.timings]
+        if not all(len(t) == 2 and t[0] > 0 and t[1] >= 32 for t in timings):
+            raise ValueError
+    except ValueError:
+        parser.error(f'--timings takes BATCHxSIZE with SIZE >= 32, e.g. 4x512; got {args.timings}')
     if not torch.cuda.is_available():
         sys.exit('check_cuda: no CUDA device here')
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     res = dict(torch=torch.__version__, device=torch.cuda.get_device_name(0))
-    for name, fn in [('stage', check_stage), ('backbone', check_backbone),
-                     ('train_step', check_train_step), ('b2_512_batch4_ms', time_b2)]:
+    checks = [('stage', check_stage), ('backbone', check_backbone),
+              ('train_step', check_train_step)]
+    checks += [(f'b2_{size}_batch{batch}_ms', partial(time_b2, batch=batch, size=size))
+               for batch, size in timings]
+    for name, fn in checks:
         res[name] = fn('cuda')
         print(name, json.dumps(res[name], indent=1), flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -45,13 +45,17 @@ from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, wri
 #: packed against 87 / 310 / 491 ms held (224² b1, 224² b4, 512² b1).
 DENSE_ABOVE = 0.9
 
-#: The same threshold off the CPU. The packed path has no GPU kernels here
-#: (per-image attention loop, dense depthwise conv on a zero-filled map):
-#: on H200s (torch 2.11, two runs of benchmarks/check_cuda.py), DiT-b2 at
-#: 512², batch 4, r = 0.75 / 0.5 / 0.25 took 47-71 ms packed and 45-54 ms on
-#: the dense route, against 32-34 ms for r = 1 (no gates, no host syncs).
-#: Other devices take the dense route: same values, no savings (README).
-DENSE_ABOVE_ACCELERATOR = 0.0
+#: The same threshold off the CPU, where the packed path has no kernels of
+#: its own (a per-image attention loop, a dense depthwise conv on a
+#: zero-filled map, a host sync per node). DiT-b2 on H200s (torch 2.11,
+#: benchmarks/check_cuda.py, 2-4 runs per input), ms at r = 1 and, dense route /
+#: packed, at r = 0.75 / 0.5 / 0.25: 1024² batch 8: 253; 269-273 / 273-278 /
+#: 278-282 and 265-270 / 210-214 / 153-157. 512² batch 32: 189; 214-217 /
+#: 218-224 / 223-227 and 234-238 / 195-200 / 156-159. 1024² batch 2: 72;
+#: 79 / 80 / 81 and 78 / 64 / 50. 512² batch 4: 33; 40-43 / 41-44 / 42-44
+#: and 44-49 / 40-46 / 36-45. Packing wins at half kept or less, the dense
+#: route at three quarters.
+DENSE_ABOVE_ACCELERATOR = 0.6
 
 
 class RoutedStage(nn.Module):
@@ -146,9 +150,9 @@ class RoutedStage(nn.Module):
                        keep: torch.Tensor) -> torch.Tensor:
         """Inference path: computes only the kept tokens. Float32 CPU
         inference runs the C++ stage program (:mod:`dit_mm.native_stage`);
-        elsewhere the Python path computes densely (with the same values)
-        when more than ``self.dense_above`` of the tokens are kept, or
-        ``self.dense_above_accelerator`` off the CPU, and autograd is off.
+        elsewhere, with autograd off, the Python path computes densely (with
+        the same values) when more than ``self.dense_above`` of the tokens
+        are kept, or ``self.dense_above_accelerator`` off the CPU.
 
         Args:
             x: Tokens ``(B, N, C)``.

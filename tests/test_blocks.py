@@ -258,15 +258,16 @@ def test_mostly_kept_nodes_compute_densely_with_the_same_values():
 
 
 def test_accelerator_threshold_does_not_apply_on_the_cpu():
-    """Off the CPU every partly kept node takes the dense route
-    (``dense_above_accelerator = 0``); CPU tensors keep packing."""
+    """Off the CPU partly kept nodes take the dense route above
+    ``dense_above_accelerator``; CPU tensors keep packing whatever it says."""
     stage = _stage()
+    assert stage.dense_above_accelerator == 0.6
+    stage.dense_above_accelerator = 0.0
     x = torch.randn(2, 64, 32)
     keep = torch.rand(2, 64) < 0.5
     calls = []
     held = stage._forward_held
     stage._forward_held = lambda *a: calls.append(1) or held(*a)
-    assert stage.dense_above_accelerator == 0.0
     with torch.no_grad():
         packed = stage.forward_sparse(x, (8, 8), keep)
         masked = stage.forward_masked(x, (8, 8), keep.float())
