@@ -48,8 +48,8 @@ def check_stage(dev: str) -> dict:
     stage = RoutedStage(dim=64, depth=2, num_heads=2, sr_ratio=2, mlp_ratio=4).eval()
     for p in stage.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
-    x = torch.randn(3, 24 * 24, 64)
-    keep = torch.rand(3, 576) < torch.tensor([[0.2], [0.5], [0.9]])
+    x = torch.randn(4, 24 * 24, 64)
+    keep = torch.rand(4, 576) < torch.tensor([[0.2], [0.0], [0.5], [0.9]])
     with torch.no_grad():
         on_cpu = stage.forward_sparse(x, (24, 24), keep)
         stage.to(dev)
