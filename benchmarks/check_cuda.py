@@ -19,9 +19,9 @@ Runs on NVIDIA H200 machines (torch 2.11): all differences <= 1e-5. DiT-b2
 at 512x512, batch 4 (six runs): r = 1 32-34 ms, r = 0.75 / 0.5 / 0.25 40-54
 ms on the dense route and 36-71 ms packed, static 11.6-14.9 ms: no savings.
 Larger inputs (r = 1, then packed at r = 0.5 / 0.25): 1024x1024, batch 8
-(three runs): 253, 210-214 / 153-157 ms; 512x512, batch 32 (two runs): 189,
-195-200 / 156-159 ms; 1024x1024, batch 2 (two runs): 72, 64 / 50 ms. See
-blocks.DENSE_ABOVE_ACCELERATOR for the threshold this sets.
+(four runs): 253-254, 210-217 / 153-163 ms; 512x512, batch 32 (three runs):
+189-190, 195-205 / 156-169 ms; 1024x1024, batch 2 (two runs): 72, 64 / 50 ms.
+See blocks.DENSE_ABOVE_ACCELERATOR for the threshold this sets.
 """
 from __future__ import annotations
 

@@ -48,13 +48,13 @@ DENSE_ABOVE = 0.9
 #: The same threshold off the CPU, where the packed path has no kernels of
 #: its own (a per-image attention loop, a dense depthwise conv on a
 #: zero-filled map, a host sync per node). DiT-b2 on H200s (torch 2.11,
-#: benchmarks/check_cuda.py, 2-4 runs per input), ms at r = 1 and, dense route /
-#: packed, at r = 0.75 / 0.5 / 0.25: 1024² batch 8: 253; 269-273 / 273-278 /
-#: 278-282 and 265-270 / 210-214 / 153-157. 512² batch 32: 189; 214-217 /
-#: 218-224 / 223-227 and 234-238 / 195-200 / 156-159. 1024² batch 2: 72;
-#: 79 / 80 / 81 and 78 / 64 / 50. 512² batch 4: 33; 40-43 / 41-44 / 42-44
-#: and 44-49 / 40-46 / 36-45. Packing wins at half kept or less, the dense
-#: route at three quarters.
+#: benchmarks/check_cuda.py, 2-4 runs per input), ms at r = 1 and, dense
+#: route / packed, at r = 0.75 / 0.5 / 0.25: 1024² batch 8: 253-254;
+#: 269-277 / 273-283 / 278-287 and 265-275 / 210-217 / 153-163. 512² batch
+#: 32: 189-190; 214-227 / 218-226 / 223-235 and 234-241 / 195-205 / 156-169.
+#: 1024² batch 2: 72; 79 / 80 / 81 and 78 / 64 / 50. 512² batch 4: 33;
+#: 40-43 / 41-44 / 42-44 and 44-49 / 40-46 / 36-45. Packing wins at half
+#: kept or less, the dense route at three quarters.
 DENSE_ABOVE_ACCELERATOR = 0.6
 
 
