@@ -79,12 +79,12 @@ class RoutingRecord:
 
     def add_row(self, node: Node, expected: torch.Tensor, real: torch.Tensor) -> None:
         """An ungated node's ``(expected, real)`` kept fractions per image."""
-        self._settle()  # keeps the nodes in forward order
         self._rows[node] = (expected, real)
 
     def add_gated_row(self, node: Node, prob: torch.Tensor, keep: torch.Tensor) -> None:
         """A gated node's keep probabilities and hard decisions ``(B, N)``."""
-        self._rows[node] = None  # type: ignore[assignment]  # holds the node's place
+        # holds the node's place in forward order until _settle fills it in
+        self._rows[node] = None  # type: ignore[assignment]
         self._pending[node] = (prob, keep)
 
     def _settle(self) -> None:
