@@ -65,6 +65,7 @@ __all__ = [
     'COUNTING_METHOD',
     'ImageRecord',
     'analyse_batch',
+    'SCOPES',
     'budget_mu',
     'count_flops',
     'count_neck_heads',
@@ -82,6 +83,7 @@ __all__ = [
     'routing_mode',
     'routing_stats',
     'summarize',
+    'task_of',
 ]
 
 COUNTING_METHOD = {
@@ -125,7 +127,7 @@ def add_model_args(parser: Any) -> None:
     """The arguments every analysis tool takes: config, checkpoint, device,
     config overrides."""
     from mmengine.config import DictAction
-    parser.add_argument('config', help='mmdet / mmseg config file')
+    parser.add_argument('config', help='mmdet / mmseg / mmpretrain config file')
     parser.add_argument('--checkpoint', help='checkpoint of the whole model (default: random '
                         'init)')
     parser.add_argument('--device', default='cpu', help='torch device (default: cpu)')
@@ -142,7 +144,7 @@ def check_paths(config: str, checkpoint: str | None) -> None:
 
 
 def load_config(config: str | Config, cfg_options: dict | None = None) -> Config:
-    """Reads an mmdet / mmseg config and applies ``cfg_options``.
+    """Reads an mmdet / mmseg / mmpretrain config and applies ``cfg_options``.
 
     Raises:
         FileNotFoundError: if the config file does not exist.
@@ -161,12 +163,23 @@ def load_config(config: str | Config, cfg_options: dict | None = None) -> Config
     return cfg
 
 
+SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
+"""The OpenMMLab scopes whose configs the analysis tools read."""
+
+
 def _scope(cfg: Config) -> str:
     scope = cfg.get('default_scope') or 'mmdet'
-    if scope not in ('mmdet', 'mmseg'):
-        raise ValueError(f"default_scope={scope!r}: only 'mmdet' and 'mmseg' configs are "
-                         'supported')
+    if scope not in SCOPES:
+        raise ValueError(f"default_scope={scope!r}: only {', '.join(map(repr, SCOPES))} "
+                         'configs are supported')
     return scope
+
+
+def task_of(cfg: Config) -> str:
+    """``'detection'``, ``'segmentation'`` or ``'classification'`` from the
+    config's scope."""
+    return {'mmdet': 'detection', 'mmseg': 'segmentation',
+            'mmpretrain': 'classification'}[_scope(cfg)]
 
 
 def _registries(cfg: Config) -> tuple[Any, Any]:
@@ -177,6 +190,9 @@ def _registries(cfg: Config) -> tuple[Any, Any]:
     if scope == 'mmseg':
         from mmseg.registry import DATASETS, MODELS
         from mmseg.utils import register_all_modules
+    elif scope == 'mmpretrain':
+        from mmpretrain.registry import DATASETS, MODELS
+        from mmpretrain.utils import register_all_modules
     else:
         from mmdet.registry import DATASETS, MODELS
         from mmdet.utils import register_all_modules
@@ -187,7 +203,7 @@ def _registries(cfg: Config) -> tuple[Any, Any]:
 def load_model(config: str | Config, checkpoint: str | None = None,
                cfg_options: dict | None = None, device: str = 'cpu',
                seed: int | None = 0) -> tuple[Config, nn.Module]:
-    """Builds the detector / segmentor of a config, in eval mode.
+    """Builds the detector / segmentor / classifier of a config, in eval mode.
 
     Args:
         config: Config path (or a loaded :class:`~mmengine.config.Config`).
@@ -214,6 +230,8 @@ def load_model(config: str | Config, checkpoint: str | None = None,
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
     models, _ = _registries(cfg)
     model_cfg = copy.deepcopy(cfg.model)
+    if cfg.get('data_preprocessor') is not None:  # mmpretrain's top-level key (as the Runner)
+        model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
     backbone_cfg = model_cfg.get('backbone', {})
     init_cfg = backbone_cfg.get('init_cfg')
     if checkpoint is not None:
@@ -296,8 +314,11 @@ def dataset_size(cfg: Config, split: str = 'val') -> int:
 
 
 def _data_sample(cfg: Config, meta: dict) -> Any:
-    if _scope(cfg) == 'mmseg':
+    scope = _scope(cfg)
+    if scope == 'mmseg':
         from mmseg.structures import SegDataSample as Sample
+    elif scope == 'mmpretrain':
+        from mmpretrain.structures import DataSample as Sample
     else:
         from mmdet.structures import DetDataSample as Sample
     sample = Sample()
@@ -359,8 +380,9 @@ def denormalize(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     if getattr(pre, '_enable_normalize', False):
         x = x * pre.std.cpu() + pre.mean.cpu()
     # mmengine's ImgDataPreprocessor (mmdet) names it _channel_conversion,
-    # mmseg's SegDataPreProcessor channel_conversion
-    converted = getattr(pre, '_channel_conversion', getattr(pre, 'channel_conversion', False))
+    # mmseg's SegDataPreProcessor channel_conversion, mmpretrain's to_rgb
+    converted = getattr(pre, '_channel_conversion',
+                        getattr(pre, 'channel_conversion', getattr(pre, 'to_rgb', False)))
     if x.shape[0] == 3 and not converted:
         x = x.flip(0)  # loaded as BGR and kept so
     if x.shape[0] == 1:
@@ -449,6 +471,8 @@ class _NeckAndHeads(nn.Module):
         stub.feats = tuple(feats)
         model._modules['backbone'] = stub
         try:
+            if not hasattr(model, '_forward'):  # mmpretrain's ImageClassifier
+                return model(inputs, self.data_samples, mode='tensor')
             return model._forward(inputs, self.data_samples)
         finally:
             model._modules['backbone'] = backbone

@@ -43,6 +43,9 @@ __all__ = [
     'TOY_SEG_CLASSES',
     'TOY_SEG_PALETTE',
     'generate_toy_dataset',
+    'load_backgrounds',
+    'random_background',
+    'random_texture',
 ]
 
 TOY_CLASSES: tuple[str, ...] = ('circle', 'square', 'triangle')
@@ -107,7 +110,7 @@ def _background_loaders() -> list[tuple[str, Callable[[], np.ndarray]]]:
 
 
 @functools.lru_cache(maxsize=1)
-def _load_backgrounds() -> tuple[tuple[str, np.ndarray], ...]:
+def load_backgrounds() -> tuple[tuple[str, np.ndarray], ...]:
     """Loads every background photo that is available offline.
 
     Files that are not part of the installed scikit-image (they would need a
@@ -138,7 +141,7 @@ def _procedural_background(rng: np.random.Generator, h: int, w: int) -> np.ndarr
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _random_background(rng: np.random.Generator, photos: tuple[tuple[str, np.ndarray], ...],
+def random_background(rng: np.random.Generator, photos: tuple[tuple[str, np.ndarray], ...],
                        h: int, w: int) -> np.ndarray:
     """Random scaled crop of a random photo (or a procedural image), ``(h, w, 3)``."""
     if not photos:
@@ -179,7 +182,7 @@ def _shape_polygon(rng: np.random.Generator, label: int, size: float) -> np.ndar
     return np.stack([radius * np.cos(ang), radius * np.sin(ang)], axis=1)
 
 
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def random_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Solid random colour with a gentle shading gradient and pixel noise."""
     color = rng.uniform(20, 235, size=3)
     gy, gx = rng.uniform(-25, 25, size=2)
@@ -198,7 +201,7 @@ def _render_scene(rng: np.random.Generator, photos: tuple[tuple[str, np.ndarray]
         list of objects (``label``, ``polygon`` flat list, ``rle``), in
         drawing order.
     """
-    img = _random_background(rng, photos, h, w)
+    img = random_background(rng, photos, h, w)
     seg = np.zeros((h, w), dtype=np.uint8)
     max_size = _MAX_SIZE_FRAC * min(h, w)
     min_size = min(_MIN_SIZE, max_size)
@@ -226,7 +229,7 @@ def _render_scene(rng: np.random.Generator, photos: tuple[tuple[str, np.ndarray]
             continue  # could not place it without heavy overlap: drop it
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        tex = _texture(rng, y1 - y0, x1 - x0)
+        tex = random_texture(rng, y1 - y0, x1 - x0)
         sub = mask[y0:y1, x0:x1]
         img[y0:y1, x0:x1][sub] = tex[sub]
         seg[mask] = label
@@ -403,7 +406,7 @@ def generate_toy_dataset(root: str | Path,
     root.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    photos = _load_backgrounds()
+    photos = load_backgrounds()
     if not photos:
         print_log('toy data: no scikit-image photos available, using procedural backgrounds',
                   logger='current', level=logging.WARNING)

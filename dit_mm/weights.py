@@ -26,7 +26,7 @@ from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
 from timm.models.pvt_v2 import checkpoint_filter_fn
 
-from .grid import NUM_SCALES, node_key
+from .grid import ARCH_SETTINGS, NUM_SCALES, node_key
 
 Layout = str  # 'official' | 'mmdet' | 'timm' | 'dit'
 
@@ -158,6 +158,47 @@ def convert_pvt_state_dict(ckpt: Mapping, model: torch.nn.Module
     return timm_to_dit(timm_sd, depths), layout
 
 
+def describe_dit_checkpoint(sd: Mapping[str, torch.Tensor]) -> str:
+    """What a DiT-layout state dict looks like: ``'b2'`` when its widths and
+    diagonal depths are those of a named arch, otherwise the numbers."""
+    dims, depths = [], []
+    for i in range(NUM_SCALES):
+        norm = sd.get(f'stages.{node_key(i, i)}.norm.weight')
+        dims.append(int(norm.shape[0]) if norm is not None else None)
+        blocks = {int(m.group(1)) for k in sd
+                  if (m := re.match(rf'stages\.{node_key(i, i)}\.blocks\.(\d+)\.', k))}
+        depths.append(max(blocks) + 1 if blocks else 0)
+    for name, arch in ARCH_SETTINGS.items():
+        if list(arch['embed_dims']) == dims and list(arch['depths']) == depths:
+            return f"arch '{name}'"
+    return f'embed_dims {tuple(dims)}, depths {tuple(depths)} (no named arch)'
+
+
+def check_dit_checkpoint(model: torch.nn.Module, sd: Mapping[str, torch.Tensor],
+                         source: str) -> None:
+    """A DiT checkpoint must cover the whole DiT it is loaded into: every
+    node, column edge, gate and EMA buffer.
+
+    Raises:
+        ValueError: naming the arch the checkpoint looks like, when tensors
+            are missing, unexpected or of another shape.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f'{len(v)} {name} (e.g. {_short(v, 3)})'
+             for name, v in (('missing', missing), ('unexpected', unexpected),
+                             ('of another shape', mismatched)) if v]
+    raise ValueError(
+        f'{source}: this DiT checkpoint looks like {describe_dit_checkpoint(sd)}, but the '
+        f"model is arch {getattr(model, 'arch_name', '?')!r}: tensors {'; '.join(parts)}. Set "
+        "the backbone's arch to the checkpoint's (the classifier's config), or use a "
+        'checkpoint of this arch.')
+
+
 def _short(keys: List[str], n: int = 6) -> str:
     keys = sorted(keys)
     more = f' ... (+{len(keys) - n} more)' if len(keys) > n else ''
@@ -209,7 +250,9 @@ def load_pvt_pretrained(model: torch.nn.Module, checkpoint: str) -> Dict[str, Li
     """
     ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu', logger='current')
     state, layout = convert_pvt_state_dict(ckpt, model)
-    if layout != 'dit':
+    if layout == 'dit':
+        check_dit_checkpoint(model, state, f'{checkpoint} (dit layout)')
+    else:
         from .backbone import _init_pvt_module
         model.apply(_init_pvt_module)  # modules the checkpoint does not cover
         for g in list(model.row_gates.values()) + list(model.col_gates.values()):

@@ -51,5 +51,5 @@ fi
 echo "[install] stack from requirements.txt and dit_mm (editable)"
 "${pip[@]}" install -q --find-links "$cache" -r requirements.txt
 "${pip[@]}" install -q --no-deps --no-build-isolation -e "$root"
-"$venv/bin/python" -c "import dit_mm, mmcv.ops, mmdet, mmseg; print('[install] ok: mmcv', mmcv.__version__)"
+"$venv/bin/python" -c "import dit_mm, mmcv.ops, mmdet, mmseg, mmpretrain; print('[install] ok: mmcv', mmcv.__version__)"
 echo "$want" > "$stamp"
