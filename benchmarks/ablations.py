@@ -66,10 +66,10 @@ TABLE = {'static': 'Table 6', 'full': 'Table 6', 'dynamic': 'Table 6', 'random':
          'sparse_training': '(ours)'}
 METRICS = {'classification': ('accuracy/top1', ),
            'detection': ('coco/bbox_mAP', 'coco/segm_mAP')}
-# the paper's numbers for the same rows (ImageNet top-1 / GFLOPs), DiT-B2 unless noted
-PAPER = {'static': 'PVTv2-B2: 82.0 @ 4.0 G', 'full': '"fully": 4.1x the FLOPs',
-         'dynamic': '83.1 @ 3.8 G', 'random': 'below learned', 'attention': 'below learned',
-         'scale_only': 'below both', 'depth_only': 'below both', 'sparse_training': '-'}
+# the paper's rows (DiT-B2 on ImageNet-1k: GFLOPs, top-1 %)
+PAPER = {'static': '? G, 80.7 (Table 6); PVTv2-B2: 4.0 G, 82.0', 'full': '15.6 G (4.1x), 83.5',
+         'dynamic': '3.8 G, 83.1', 'random': '3.8 G, 79.4', 'attention': '3.8 G, 81.3',
+         'scale_only': '8.4 G, 82.9', 'depth_only': '3.7 G, 82.2', 'sparse_training': '-'}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -100,27 +100,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------ running
-def random_keep_prob(mu: float, size: Sequence[int] = (96, 96)) -> float:
-    """Keep probability of ``gate='random'`` row gates at which a DiT-b0 with
-    every column edge open spends ``mu`` (cost model, bisection): the random
-    gates then start at the budget and the learned column gates hold it."""
-    from dit_mm.cost_model import grid_cost
+def random_keep_prob(mu: float, arch: str = 'b0', size: Sequence[int] = (96, 96)) -> float:
+    """Keep probability of ``gate='random'`` row gates at which DiT with
+    every column edge open spends ``mu`` at ``size`` (the cost model): the
+    random gates start at the budget and the learned column gates hold it."""
+    from dit_mm.cost_model import grid_cost, uniform_keep_for_budget
     from dit_mm.grid import resolve_arch
-    cost = grid_cost(resolve_arch('b0'), int(size[0]), int(size[1]))
-    fixed = sum(cost.embeds.values()) + sum(cost.col_gates.values()) + sum(
-        n.row_gate for n in cost.nodes.values())
-
-    def spend(p: float) -> float:
-        return (fixed + sum(n.map + p * n.token * n.tokens for n in cost.nodes.values())
-                ) / cost.static
-
-    lo, hi = 1e-3, 1 - 1e-3
-    if spend(lo) > mu:
-        return lo
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if spend(mid) < mu else (lo, mid)
-    return round((lo + hi) / 2, 4)
+    cost = grid_cost(resolve_arch(arch), int(size[0]), int(size[1]))
+    return round(uniform_keep_for_budget(cost, mu), 4)
 
 
 def _py(script: str, *args: str, log: Path) -> None:

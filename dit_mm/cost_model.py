@@ -124,3 +124,21 @@ def grid_cost(spec: GridSpec, height: int, width: int) -> GridCost:
                 col_gates[(i, j)] = float(hp[0] * hp[1] * spec.embed_dims[i - 1]
                                           + spec.embed_dims[i - 1] * 2)
     return GridCost(nodes=nodes, embeds=embeds, col_gates=col_gates)
+
+
+def uniform_keep_for_budget(cost: GridCost, mu: float) -> float:
+    """Kept-token fraction ``p`` at which every row-gated node keeping
+    ``p`` of its tokens, with every column edge open and every gate
+    evaluated, spends ``mu * C_base``: the keep probability that starts
+    ``gate='random'`` row gates at the budget (Table 7).
+
+    Returns:
+        ``p`` in ``[1e-3, 1]``; 1e-3 when even that spends more than ``mu``
+        (the map-wise and embedding costs alone exceed the budget), 1 when
+        every token fits.
+    """
+    fixed = (sum(cost.embeds.values()) + sum(cost.col_gates.values())
+             + sum(n.map + n.row_gate for n in cost.nodes.values()))
+    per_keep = sum(n.token * n.tokens for n in cost.nodes.values())
+    p = (mu * cost.static - fixed) / per_keep
+    return float(min(1.0, max(1e-3, p)))

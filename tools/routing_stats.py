@@ -16,6 +16,18 @@ Writes into ``--out-dir``:
   column-edge open fractions and the mean backbone GFLOPs (JSON);
 
 and prints the table as markdown.
+
+**Side by side** (Fig. 4 sets a classification set beside a detection set):
+``--compare CONFIG2 [--compare-checkpoint CKPT2]`` measures a second model or
+data set (mmdet, mmseg or mmpretrain config, in any pairing) the same way and
+also writes ``routing_stats_compare.png`` (both heat maps and the skip ratios
+of both as paired bars) and ``routing_stats_compare.json``; ``--labels A B``
+names the two. The same config twice with two checkpoints compares models;
+two configs with one model's checkpoint compare data sets.
+
+    python tools/routing_stats.py configs/classification/dit_b0_toy.py \
+        --checkpoint cls.pth --compare configs/detection/mask_rcnn_dit_b0_toy.py \
+        --compare-checkpoint det.pth --labels "toy classification" "toy COCO" --out-dir d
 """
 from __future__ import annotations
 
@@ -40,6 +52,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from mmengine.config import DictAction
 
 from dit_mm import analysis
 from dit_mm.grid import NUM_SCALES
@@ -61,9 +74,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='override the backbone\'s routing mode')
     parser.add_argument('--out-dir', default='routing_stats',
                         help='output folder (default: routing_stats)')
+    parser.add_argument('--compare', metavar='CONFIG2',
+                        help='a second config (model or data set) to draw side by side')
+    parser.add_argument('--compare-checkpoint', metavar='CKPT2',
+                        help='checkpoint of the second model (default: --checkpoint, i.e. '
+                        'the same model on the second config\'s data)')
+    parser.add_argument('--compare-cfg-options', nargs='+', action=DictAction,
+                        help='overrides for CONFIG2 (key=value)')
+    parser.add_argument('--labels', nargs=2, metavar=('A', 'B'),
+                        help='names of the two sides (default: the config names)')
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error('--num-images must be >= 1')
+    if args.compare is None and (args.compare_checkpoint or args.labels
+                                 or args.compare_cfg_options):
+        parser.error('--compare-checkpoint, --compare-cfg-options and --labels need --compare')
     return args
 
 
@@ -145,24 +170,73 @@ def plot_stats(stats: dict[str, Any], title: str, out: str) -> None:
     plt.close(fig)
 
 
-@torch.no_grad()
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point; returns the statistics (also written to ``--out-dir``)."""
+def plot_compare(sides: list[tuple[str, dict[str, Any]]], out: str) -> None:
+    """Two heat maps (scale x stage) and paired bars of the mean skip ratio
+    per node: the two sides of Fig. 4."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={'width_ratios': [1, 1, 1.6]})
+    cmap = plt.get_cmap('viridis').with_extremes(bad='white')
+    for ax, (label, stats) in zip(axes[:2], sides):
+        skip = np.full((NUM_SCALES, NUM_SCALES), np.nan)
+        for n in stats['nodes'].values():
+            skip[n['scale'], n['stage']] = n['skip_real']
+        ax.imshow(np.ma.masked_invalid(skip), cmap=cmap, vmin=0, vmax=1)
+        for i in range(NUM_SCALES):
+            for j in range(i, NUM_SCALES):
+                ax.text(j, i, f'{skip[i, j]:.2f}', ha='center', va='center', fontsize=10,
+                        color='white' if skip[i, j] < 0.6 else 'black')
+        ax.set_xticks(range(NUM_SCALES), [f'stage {j + 1}' for j in range(NUM_SCALES)])
+        ax.set_yticks(range(NUM_SCALES), [f'stride {4 * 2 ** i}' for i in range(NUM_SCALES)])
+        ax.set_title(f"{label}\n{stats['num_images']} images, real/C_base "
+                     f"{stats['ratios']['real/C_base']:.2f}", fontsize=10)
+    ax = axes[2]
+    keys = list(sides[0][1]['nodes'])
+    xs = np.arange(len(keys))
+    for k, (label, stats) in enumerate(sides):
+        means = [stats['nodes'][key]['skip_real'] for key in keys]
+        errs = [stats['nodes'][key]['skip_real_std'] for key in keys]
+        yerr = [[min(e, m) for m, e in zip(means, errs)], [min(e, 1 - m) for m, e in
+                                                           zip(means, errs)]]
+        ax.bar(xs + (k - 0.5) * 0.38, means, 0.38, yerr=yerr, capsize=2, label=label)
+    ax.set_xticks(xs, [f"{key}\n/{sides[0][1]['nodes'][key]['stride']}" for key in keys],
+                  fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel('skip ratio (mean ± std over images)')
+    ax.set_title('skip ratio per node (s = scale, t = stage; /stride)', fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def measure(config: str, checkpoint: str | None, cfg_options: dict | None,
+            args: argparse.Namespace) -> dict[str, Any]:
+    """Routing statistics of one model over its config's val/test images."""
     from mmengine.utils import ProgressBar
-    args = parse_args(argv)
-    analysis.check_paths(args.config, args.checkpoint)
-    cfg, model = analysis.load_model(args.config, args.checkpoint, args.cfg_options,
-                                     device=args.device)
+    analysis.check_paths(config, checkpoint)
+    cfg, model = analysis.load_model(config, checkpoint, cfg_options, device=args.device)
     if args.routing:
         model.backbone.routing = args.routing
     total = min(args.num_images, analysis.dataset_size(cfg, args.split))
+    if total == 0:
+        raise SystemExit(f'{config}: the {args.split} set is empty')
     bar = ProgressBar(total, file=sys.stderr) if total > 1 else None
     stats = analysis.routing_stats(
         model, analysis.iter_dataset_images(cfg, model, args.split, total), whole_model=False,
         mu=analysis.budget_mu(cfg), progress=bar.update if bar else None)
     if bar is not None:
         sys.stderr.write('\n')
-    stats.update(config=args.config, checkpoint=args.checkpoint, split=args.split)
+    stats.update(config=config, checkpoint=checkpoint, split=args.split,
+                 task=analysis.task_of(cfg))
+    return stats
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point; returns the statistics (also written to ``--out-dir``;
+    with ``--compare``, the second side's are under ``'compare'``)."""
+    args = parse_args(argv)
+    stats = measure(args.config, args.checkpoint, args.cfg_options, args)
     rows = table_rows(stats)
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -189,6 +263,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"PVTv2 static {bb['static']:.3f}; real/C_base {stats['ratios']['real/C_base']:.3f}"
           + (f', budget mu {mu:.3f}' if mu is not None else ''))
     print(f'written: {png}, {csv_path}, {json_path}')
+    if args.compare:
+        other = measure(args.compare, args.compare_checkpoint or args.checkpoint,
+                        args.compare_cfg_options, args)
+        labels = args.labels or [osp.splitext(osp.basename(c))[0]
+                                 for c in (args.config, args.compare)]
+        sides = [(labels[0], stats), (labels[1], other)]
+        cpng = osp.join(args.out_dir, 'routing_stats_compare.png')
+        cjson = osp.join(args.out_dir, 'routing_stats_compare.json')
+        plot_compare(sides, cpng)
+        with open(cjson, 'w') as f:
+            json.dump({label: dict(s, table=table_rows(s)) for label, s in sides}, f, indent=2)
+        print(f'\n{labels[1]}:')
+        print(markdown_table(table_rows(other)))
+        print(f'written: {cpng}, {cjson}')
+        stats['compare'] = other
     return stats
 
 
