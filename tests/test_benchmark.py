@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,48 @@ def test_profile_ops_rejects_bad_ratios():
                            '--ratios', '0', '--out', '/dev/null'],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and '--ratios must lie in (0, 1]' in proc.stderr
+
+
+def test_ablations_quick_structure_and_merge(tmp_path):
+    """benchmarks/ablations.py --quick: one classification and one detection
+    run end to end (train, test, FLOPs); the JSON has the documented fields,
+    a second call with another seed merges into it, and the table and plot
+    are written. The numbers themselves are not asserted."""
+    out = tmp_path / 'abl.json'
+    cmd = [sys.executable, str(REPO / 'benchmarks' / 'ablations.py'), '--quick',
+           '--work-dir', str(tmp_path / 'work'), '--out', str(out), '--variants', 'dynamic']
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True, timeout=900)
+    runs = json.loads(out.read_text())['runs']
+    assert {(r['task'], r['variant'], r['seed']) for r in runs} == {
+        ('classification', 'dynamic', 0), ('detection', 'dynamic', 0)}
+    for r in runs:
+        assert 0 < r['real_flops_ratio'] and r['mu'] is not None
+        assert r['step_time_s'] > 0 and r['flops_images'] >= 1
+    cls = next(r for r in runs if r['task'] == 'classification')
+    det = next(r for r in runs if r['task'] == 'detection')
+    assert 0 <= cls['accuracy/top1'] <= 100 and cls['metric'] == cls['accuracy/top1']
+    assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= set(det)
+    subprocess.run(cmd[:-2] + ['--variants', 'static', '--tasks', 'classification',
+                               '--seeds', '5'], check=True, cwd=REPO, capture_output=True,
+                   text=True, timeout=900)
+    runs = json.loads(out.read_text())['runs']
+    assert len(runs) == 3 and ('classification', 'static', 5) in {
+        (r['task'], r['variant'], r['seed']) for r in runs}
+    table = out.with_suffix('.md').read_text()
+    assert '| Table 6 | static |' in table and '| Table 6 | dynamic |' in table
+    assert out.with_suffix('.png').stat().st_size > 10_000
+
+
+def test_ablations_random_keep_prob_spends_mu():
+    """The random gates' keep probability makes the cost model spend mu."""
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    from ablations import random_keep_prob
+
+    from dit_mm.cost_model import grid_cost
+    from dit_mm.grid import resolve_arch
+    cost = grid_cost(resolve_arch('b0'), 96, 96)
+    p = random_keep_prob(0.95)
+    spent = (sum(cost.embeds.values()) + sum(cost.col_gates.values()) + sum(
+        n.map + n.row_gate + p * n.token * n.tokens for n in cost.nodes.values()))
+    assert spent / cost.static == pytest.approx(0.95, abs=1e-3)
+    assert random_keep_prob(0.5) < p < random_keep_prob(1.5)

@@ -299,3 +299,29 @@ def test_classifier_checkpoint_of_another_arch(trained: dict, tmp_path: Path) ->
     msg = str(err.value)
     assert "looks like arch 'b1'" in msg and "model is arch 'b2'" in msg
     assert re.search(r'\d+ missing', msg)
+
+
+def test_imagenet_loading_on_local_files(tmp_path: Path) -> None:
+    """The ImageNet configs' data path is real: mmpretrain's ``ImageNet``
+    dataset reads a tiny local copy in its layout through the configs'
+    train and test pipelines."""
+    import cv2
+    from mmpretrain.registry import DATASETS
+    from mmpretrain.utils import register_all_modules
+    register_all_modules()
+    rng = np.random.default_rng(0)
+    for split, name in (('train', 'n01440764/n01440764_1.JPEG'), ('val', 'ILSVRC2012_val_1.JPEG')):
+        img = tmp_path / split / name
+        img.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(img), rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
+        (tmp_path / 'meta').mkdir(exist_ok=True)
+        (tmp_path / 'meta' / f'{split}.txt').write_text(f'{name} 7\n')
+    cfg = Config.fromfile(str(CLS_DIR / 'dit_b2_in1k.py'))
+    for loader in ('train_dataloader', 'val_dataloader'):
+        ds_cfg = cfg[loader].dataset
+        ds_cfg.data_root = str(tmp_path)
+        dataset = DATASETS.build(ds_cfg)
+        assert len(dataset) == 1
+        item = dataset[0]
+        assert tuple(item['inputs'].shape) == (3, 224, 224), loader
+        assert int(item['data_samples'].gt_label) == 7
