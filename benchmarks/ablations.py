@@ -89,6 +89,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--out', default='benchmarks/ablations.json')
     parser.add_argument('--report-only', action='store_true',
                         help='only rewrite the table and plot from --out')
+    parser.add_argument('--analyse', action='store_true',
+                        help='after the runs (or alone, with --report-only): accuracy per '
+                        'object size of every classification checkpoint, learning curves')
     parser.add_argument('--quick', action='store_true',
                         help='smoke test: tiny generated data, 4 iterations, one seed')
     args = parser.parse_args(argv)
@@ -207,6 +210,85 @@ def run_one(task: str, variant: str, seed: int, args: argparse.Namespace,
     return rec
 
 
+# ----------------------------------------------------------------- analysis
+SIZE_BINS = (6, 12, 24, 48, 90)  # object extent bins (px) of the toy classification set
+
+
+def accuracy_by_size(run: Dict[str, Any], data_root: str) -> Dict[str, Any]:
+    """Top-1 of a classification run's checkpoint per object-extent bin on
+    the val images (the extents are in ``meta/val.json``), and the mean kept
+    fraction of the stride-4 nodes per bin (how much high-resolution compute
+    small and large objects get)."""
+    import torch
+
+    from dit_mm import analysis
+    opts = {'val_dataloader.dataset.data_root': data_root,
+            'test_dataloader.dataset.data_root': data_root,
+            **{f'model.backbone.{k}': v for k, v in run['backbone'].items()}}
+    cfg, model = analysis.load_model(CLS_CONFIG, run['checkpoint'], opts)
+    sizes = {m['file']: m['size'] for m in json.loads(
+        (Path(data_root) / 'meta' / 'val.json').read_text())}
+    hits: Dict[int, List[int]] = {k: [] for k in range(len(SIZE_BINS) - 1)}
+    keep4: Dict[int, List[float]] = {k: [] for k in range(len(SIZE_BINS) - 1)}
+    with torch.no_grad():
+        for batch in analysis.iter_dataset_images(cfg, model, 'val'):
+            (sample, ) = model(batch['inputs'], batch['data_samples'], mode='predict')
+            rel = '/'.join(Path(sample.img_path).parts[-2:])
+            size = sizes[rel]
+            b = max(k for k in range(len(SIZE_BINS) - 1) if size >= SIZE_BINS[k] or k == 0)
+            hits[b].append(int(sample.pred_label.item() == sample.gt_label.item()))
+            rows = model.backbone.last_record.rows
+            fine = [float(r[0]) for (i, _), (_, r) in rows.items() if i == 0]
+            keep4[b].append(sum(fine) / len(fine) if fine else 1.0)
+    return {f'{SIZE_BINS[k]}-{SIZE_BINS[k + 1]}px': {
+        'n': len(v), 'top1': 100.0 * sum(v) / len(v) if v else math.nan,
+        'keep_stride4': sum(keep4[k]) / len(keep4[k]) if keep4[k] else math.nan}
+        for k, v in hits.items()}
+
+
+def curves(run: Dict[str, Any]) -> Dict[str, List[float]]:
+    """Logged training curves of a run (``iter``, ``loss``, ``flops_real``,
+    ``keep_s0..3`` where logged), from mmengine's ``scalars.json``."""
+    files = sorted(Path(run['checkpoint']).parent.glob('*/vis_data/scalars.json'))
+    logged = [json.loads(line) for line in files[-1].read_text().splitlines()] if files else []
+    logged = [r for r in logged if 'loss' in r]
+    keys = ['iter', 'loss', 'flops_real', 'keep_s0', 'keep_s1', 'keep_s2', 'keep_s3']
+    return {k: [r.get(k, math.nan) for r in logged] for k in keys}
+
+
+def analyse(path: Path, data_root: str) -> None:
+    """Adds ``top1_by_size`` to every classification run of ``path`` that
+    lacks it, and writes the learning curves (``*_curves.png``)."""
+    data = json.loads(path.read_text())
+    for r in data['runs']:
+        if r['task'] == 'classification' and 'top1_by_size' not in r:
+            print(f"analysing {r['variant']} seed {r['seed']} ...", flush=True)
+            r['top1_by_size'] = accuracy_by_size(r, data_root)
+            path.write_text(json.dumps(data, indent=1))
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    cls = [r for r in data['runs'] if r['task'] == 'classification']
+    variants = [v for v in CLS_VARIANTS if any(r['variant'] == v for r in cls)]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.6))
+    for k, v in enumerate(variants):
+        for n, r in enumerate(x for x in cls if x['variant'] == v):
+            c = curves(r)
+            kw = dict(color=f'C{k}', alpha=0.8, label=v if n == 0 else None)
+            axes[0].plot(c['iter'], c['loss'], **kw)
+            axes[1].plot(c['iter'], c['flops_real'], **kw)
+            axes[2].plot(c['iter'], c['keep_s0'], **kw)
+    for ax, name in zip(axes, ('training loss', 'flops_real / C_base (training decisions)',
+                                'kept fraction, stride-4 nodes (training)')):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel('iteration')
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.stem + '_curves.png'), dpi=100)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------ results
 def load_runs(path: Path) -> List[Dict[str, Any]]:
     if not path.is_file():
@@ -266,6 +348,24 @@ def markdown(runs: Sequence[Dict[str, Any]]) -> str:
                 f"{r['metric'][0]:.1f} ± {r['metric'][1]:.1f} | "
                 f"{r['real_flops_ratio'][0]:.3f} ± {r['real_flops_ratio'][1]:.3f} | "
                 f"{r['step_time_s'][0]:.3f} | {PAPER[r['variant']]} |")
+        lines.append('')
+    sized = [r for r in runs if r['task'] == 'classification' and 'top1_by_size' in r]
+    if sized:
+        bins = list(sized[0]['top1_by_size'])
+        lines += ['Top-1 (%) by object extent on the val images, mean over seeds, and in '
+                  'brackets the mean kept fraction of the stride-4 nodes '
+                  '(`python benchmarks/ablations.py --report-only --analyse`):', '',
+                  '| variant | ' + ' | '.join(bins) + ' |', '|---|' + '---|' * len(bins)]
+        for v in CLS_VARIANTS:
+            rs = [r for r in sized if r['variant'] == v]
+            if not rs:
+                continue
+            cells = []
+            for b in bins:
+                top1 = _mean_std([r['top1_by_size'][b]['top1'] for r in rs])[0]
+                keep = _mean_std([r['top1_by_size'][b]['keep_stride4'] for r in rs])[0]
+                cells.append(f'{top1:.1f} ({keep:.2f})')
+            lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
         lines.append('')
     det = [r for r in rows if r['task'] == 'detection']
     if det:
@@ -332,6 +432,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     args = parse_args(argv)
     out = Path(args.out)
     if args.report_only:
+        if args.analyse:
+            analyse(out, prepare_data(args)['cls'])
         write_report(out)
         print(out.with_suffix('.md').read_text())
         return load_runs(out)
@@ -365,6 +467,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         print(f'    {METRICS[task][0]} {rec["metric"]:.3f}, real FLOPs/C_base '
               f'{rec["real_flops_ratio"]:.3f}, step {rec["step_time_s"] or math.nan:.3f} s '
               f'({time.perf_counter() - t0:.0f} s; ETA {eta / 60:.0f} min)', flush=True)
+    if args.analyse and runs:
+        analyse(out, data['cls'])
+        write_report(out)
     if runs:
         print(out.with_suffix('.md').read_text())
     return runs
