@@ -1,4 +1,4 @@
-"""GFLOPs of a DiT detector / segmentor next to its PVTv2 baseline.
+"""GFLOPs of a DiT detector, segmentor or classifier next to its PVTv2 baseline.
 
 Averages over the first N images of the config's val (or test) set, each at
 its own padded input size, or measures one random input of ``--shape``:

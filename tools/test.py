@@ -1,4 +1,4 @@
-"""Evaluate a detector or segmentor with a DiT backbone (mmdet or mmseg config).
+"""Evaluate a DiT detector, segmentor or classifier (mmdet, mmseg or mmpretrain config).
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--metrics-json FILE]
     bash tools/dist_test.sh CONFIG CHECKPOINT 2
@@ -16,7 +16,7 @@ from dit_mm.runtime import allow_mmengine_checkpoints, keep_freed_memory, setup_
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Test a DiT detector/segmentor')
+    parser = argparse.ArgumentParser(description='Test a DiT detector, segmentor or classifier')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='the dir to save logs and results')

@@ -1,4 +1,4 @@
-"""Train a detector or segmentor with a DiT backbone (mmdet or mmseg config).
+"""Train a DiT detector, segmentor or classifier (mmdet, mmseg or mmpretrain config).
 
 A thin wrapper over mmengine's Runner, like mmdet's own ``tools/train.py``:
 
@@ -17,7 +17,7 @@ from dit_mm.runtime import allow_mmengine_checkpoints, enable_amp, setup_distrib
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Train a DiT detector/segmentor')
+    parser = argparse.ArgumentParser(description='Train a DiT detector, segmentor or classifier')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument('--amp', action='store_true',
