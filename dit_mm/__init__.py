@@ -6,10 +6,8 @@ Importing the package registers ``DiT`` in mmengine's root ``MODELS`` registry
 ``torch.load`` read mmengine checkpoints (resume). Use it from a config with
 ``custom_imports = dict(imports=['dit_mm'], allow_failed_imports=False)``.
 """
-from .backbone import DiT, check_budget
-from .grid import ARCH_SETTINGS, GridSpec, resolve_arch
-from .hooks import BudgetLossHook, IterSeedHook
-from .runtime import CPUAmpOptimWrapper, allow_mmengine_checkpoints
+from .engine import BudgetLossHook, CPUAmpOptimWrapper, IterSeedHook, allow_mmengine_checkpoints
+from .models import ARCH_SETTINGS, DiT, GridSpec, check_budget, resolve_arch
 
 __all__ = ['DiT', 'BudgetLossHook', 'IterSeedHook', 'CPUAmpOptimWrapper', 'GridSpec',
            'ARCH_SETTINGS', 'resolve_arch', 'check_budget']

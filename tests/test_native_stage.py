@@ -1,9 +1,9 @@
-"""The C++ stage program (dit_mm.native_stage) against the Python packed path."""
+"""The C++ stage program (dit_mm.accel.cpu.native_stage) against the Python packed path."""
 import pytest
 import torch
 
-from dit_mm import native_stage, onednn, sparse_ops
-from dit_mm.blocks import RoutedStage
+from dit_mm.accel.cpu import native_stage, onednn, sparse_ops
+from dit_mm.models.blocks import RoutedStage
 
 pytestmark = pytest.mark.skipif(
     not sparse_ops.extension_available() or not onednn.packed_ops_available(),
@@ -27,7 +27,7 @@ def _both(stage: RoutedStage, x, hw, keep, monkeypatch=None):
         ran.append(out is not None)
         return out
     if monkeypatch is not None:
-        from dit_mm import blocks
+        from dit_mm.models import blocks
         monkeypatch.setattr(blocks, 'packed_forward', spy)
     with torch.no_grad():
         stage.native = True

@@ -1,4 +1,4 @@
-"""oneDNN GEMMs / convolutions with weights reordered once (dit_mm.onednn)."""
+"""oneDNN GEMMs / convolutions with weights reordered once (dit_mm.accel.cpu.onednn)."""
 import copy
 import pickle
 
@@ -7,8 +7,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit_mm import onednn
-from dit_mm.onednn import conv2d, linear, linear_module, packed_applies, packed_ops_available
+from dit_mm.accel.cpu import onednn
+from dit_mm.accel.cpu.onednn import (
+    conv2d,
+    linear,
+    linear_module,
+    packed_applies,
+    packed_ops_available,
+)
 
 needs_packed = pytest.mark.skipif(not packed_ops_available(),
                                   reason='oneDNN reordered-weight ops not in this build')

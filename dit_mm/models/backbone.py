@@ -12,6 +12,8 @@ from mmengine.registry import MODELS
 from timm.layers import trunc_normal_
 from timm.models.pvt_v2 import OverlapPatchEmbed
 
+from ..accel.cpu.onednn import conv2d, forget_prepared
+from ..utils.profiling import scope
 from .blocks import RoutedStage, tokens_to_map
 from .cost_model import GridCost, grid_cost
 from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta, straight_through
@@ -25,8 +27,6 @@ from .grid import (
     node_key,
     resolve_arch,
 )
-from .onednn import conv2d, forget_prepared
-from .profiling import scope
 
 KeepRatio = Union[None, float, Sequence[float]]
 
@@ -100,12 +100,12 @@ class DiT(BaseModule):
     """DiT: PVTv2 with dynamic token routing over a grid of scales x stages.
 
     Paper: "DiT: Efficient Vision Transformers with Dynamic Token Routing"
-    (Ma et al.). The grid is described in :mod:`dit_mm.grid` and
+    (Ma et al.). The grid is described in :mod:`dit_mm.models.grid` and
     ``docs/design.md``. Outputs are NCHW maps at strides 4, 8, 16 and 32.
 
     Args:
         arch: ``'b0'`` ... ``'b5'`` (PVTv2-B0..B5 widths, depths, heads, SR
-            and MLP ratios) or a dict, see :func:`dit_mm.grid.resolve_arch`.
+            and MLP ratios) or a dict, see :func:`dit_mm.models.grid.resolve_arch`.
         routing: ``'dynamic'`` (learned gates), ``'static'`` (PVTv2's own
             path, every token: exactly PVTv2) or ``'full'`` (every node and
             edge, every token). Table 6 of the paper.
@@ -145,7 +145,7 @@ class DiT(BaseModule):
             ``model.pretrained`` here).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads PVTv2
             weights (official release, mmdet or timm layout; see
-            :mod:`dit_mm.weights`), otherwise PVTv2's random init.
+            :mod:`dit_mm.models.weights`), otherwise PVTv2's random init.
     """
 
     min_size = 32
@@ -552,5 +552,5 @@ def _init_pvt_module(m: nn.Module) -> None:
 
 def _patch_embed(embed: OverlapPatchEmbed, x: torch.Tensor) -> torch.Tensor:
     """timm's ``OverlapPatchEmbed`` (conv, then LayerNorm on NHWC), with the
-    conv's weight reordered once at inference (:func:`dit_mm.onednn.conv2d`)."""
+    conv's weight reordered once at inference (:func:`dit_mm.accel.cpu.onednn.conv2d`)."""
     return embed.norm(conv2d(embed.proj, x).permute(0, 2, 3, 1))

@@ -14,7 +14,7 @@ that per-call weight pass costs as much as the product itself. This module:
 * :func:`conv2d`: an ``nn.Conv2d`` at inference with its weight reordered
   once (``torch.ops.mkldnn._convolution_pointwise``), else the module itself;
 * :func:`prepared`: the weight cache both use (and the folded and
-  transposed weights of :mod:`dit_mm.blocks` / :mod:`dit_mm.sparse_ops`).
+  transposed weights of :mod:`dit_mm.models.blocks` / :mod:`dit_mm.accel.cpu.sparse_ops`).
 
 Measured on this machine (AMD EPYC, 2 threads, µs per call; plain MKL /
 oneDNN with plain weights / oneDNN with reordered weights): 49x320 @ 320x1280

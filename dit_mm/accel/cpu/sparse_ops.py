@@ -18,8 +18,8 @@ follows then also runs on kept rows only):
 * :func:`write_rows` writes packed rows back into a token map, with the same
   kernel build (4-6x faster than ``index_copy_`` here), else ``index_copy_``.
 
-The C++ sources are ``dit_mm/csrc/sparse_kernels.cpp`` and, in the same
-build, ``packed_stage.cpp`` (:mod:`dit_mm.native_stage`). The build is named
+The C++ sources are ``dit_mm/accel/cpu/csrc/sparse_kernels.cpp`` and, in the same
+build, ``packed_stage.cpp`` (:mod:`dit_mm.accel.cpu.native_stage`). The build is named
 after a hash of the sources, so an edited source is compiled anew.
 """
 from __future__ import annotations
@@ -32,10 +32,10 @@ from typing import Optional, Tuple
 import torch
 from mmengine.logging import print_log
 
+from ...utils.profiling import scope
 from .onednn import prepared
-from .profiling import scope
 
-#: C++ sources of the extension in ``dit_mm/csrc``, in this order (the stage
+#: C++ sources of the extension in ``dit_mm/accel/cpu/csrc``, in this order (the stage
 #: program calls the kernels).
 SOURCES = ('sparse_kernels.cpp', 'packed_stage.cpp')
 _FUNCTIONS = ['dwconv', 'neighbours', 'scatter_rows', 'packed_stage']

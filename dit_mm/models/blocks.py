@@ -13,7 +13,7 @@ three ways that give the same values for the same hard gate ``g``:
   images are packed into one ``(K, C)`` matrix, and only they go through the
   token-wise layers (query, attention, projection, MLP linears, norms). On
   float32 CPU tensors the whole packed stage runs as one C++ call
-  (:mod:`dit_mm.native_stage`, same ops and values); elsewhere, in Python.
+  (:mod:`dit_mm.accel.cpu.native_stage`, same ops and values); elsewhere, in Python.
 
 Semantics of a skipped token inside the stage (shared by all three paths):
 it keeps its input value; keys/values come from the spatially reduced *full*
@@ -30,13 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
 
-from .native_stage import forget, native_applies, packed_forward
-from .onednn import conv2d, forget_prepared, linear, prepared
-from .onednn import linear_module as _linear
-from .profiling import scope
-from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, write_rows
+from ..accel.cpu.native_stage import forget, native_applies, packed_forward
+from ..accel.cpu.onednn import conv2d, forget_prepared, linear, prepared
+from ..accel.cpu.onednn import linear_module as _linear
+from ..accel.cpu.sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, write_rows
+from ..utils.profiling import scope
 
-#: Without the C++ stage program (:mod:`dit_mm.native_stage`),
+#: Without the C++ stage program (:mod:`dit_mm.accel.cpu.native_stage`),
 #: :meth:`RoutedStage.forward_sparse` computes densely (with skipped tokens
 #: held, same values) when more than this fraction of a node's tokens is kept.
 #: Whole DiT-b2, packed / held at r = 0.85 and 0.92 kept: 0.92 / 0.96 at 224²
@@ -84,7 +84,7 @@ class RoutedStage(nn.Module):
         self.dense_above = DENSE_ABOVE
         self.dense_above_accelerator = DENSE_ABOVE_ACCELERATOR
         #: run the packed path as one C++ call where it applies
-        #: (:mod:`dit_mm.native_stage`)
+        #: (:mod:`dit_mm.accel.cpu.native_stage`)
         self.native = True
 
     def train(self, mode: bool = True) -> RoutedStage:
@@ -149,7 +149,7 @@ class RoutedStage(nn.Module):
     def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],
                        keep: torch.Tensor) -> torch.Tensor:
         """Inference path: computes only the kept tokens. Float32 CPU
-        inference runs the C++ stage program (:mod:`dit_mm.native_stage`);
+        inference runs the C++ stage program (:mod:`dit_mm.accel.cpu.native_stage`);
         elsewhere, with autograd off, the Python path computes densely (with
         the same values) when more than ``self.dense_above`` of the tokens
         are kept, or ``self.dense_above_accelerator`` off the CPU.
@@ -168,7 +168,7 @@ class RoutedStage(nn.Module):
             idx = keep.reshape(-1).nonzero().squeeze(1)  # sorted: images are contiguous
         if idx.numel() == 0:
             return x
-        if native_applies(self, x):  # the same ops from C++ (dit_mm.native_stage);
+        if native_applies(self, x):  # the same ops from C++ (dit_mm.accel.cpu.native_stage);
             out = packed_forward(self, x, hw, idx)  # packs at any kept fraction
             if out is not None:
                 return out
@@ -185,7 +185,7 @@ class RoutedStage(nn.Module):
             base = x.reshape(B * N, C)
             t = base.index_select(0, idx)
         if kernel_applies(t) and all(_fusable(blk.mlp) for blk in self.blocks):
-            # depthwise conv + GELU at the kept tokens only (dit_mm.sparse_ops)
+            # depthwise conv + GELU at the kept tokens only (dit_mm.accel.cpu.sparse_ops)
             with scope('dit::gather'):
                 nbr = neighbour_table(idx, B, hw)
             hidden = t.new_empty(K, self.blocks[0].mlp.fc1.out_features)

@@ -1,10 +1,10 @@
 """The packed forward of a grid node as one C++ call (inference, CPU).
 
-:meth:`dit_mm.blocks.RoutedStage.forward_sparse` runs about 150 ATen ops
+:meth:`dit_mm.models.blocks.RoutedStage.forward_sparse` runs about 150 ATen ops
 per block; on small maps each costs more in the interpreter and the Python
 bindings than in its kernel. DiT-b2's full grid at 32x32 input, where there
 is no real work, took 20 ms, as much as the FLOPs of r = 0.25 at 224x224.
-``dit_mm/csrc/packed_stage.cpp`` runs the same ops in the same order from
+``dit_mm/accel/cpu/csrc/packed_stage.cpp`` runs the same ops in the same order from
 C++: same values (the tests compare it bit for bit with the Python path),
 without the per-op overhead.
 
@@ -72,7 +72,7 @@ _nn_module.register_module_parameter_registration_hook(_bump)
 
 
 def forget(stage: nn.Module) -> None:
-    """Drops the plan of ``stage`` (see :func:`dit_mm.onednn.forget_prepared`)."""
+    """Drops the plan of ``stage`` (see :func:`dit_mm.accel.cpu.onednn.forget_prepared`)."""
     _PLANS.pop(stage, None)
     _bump()
 
@@ -91,7 +91,7 @@ def packed_forward(stage: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
     has no plan (then the caller runs the Python path).
 
     Args:
-        stage: A :class:`dit_mm.blocks.RoutedStage`.
+        stage: A :class:`dit_mm.models.blocks.RoutedStage`.
         x: Tokens ``(B, N, C)``.
         hw: Map size ``(H, W)``.
         idx: Sorted flat positions of the kept tokens in ``(B * N)``.
@@ -147,7 +147,7 @@ def _plan(stage: nn.Module) -> Optional[Plan]:
 def _build(stage: nn.Module) -> Optional[Plan]:
     """Folded and reordered weights of every block, or ``None`` if a block is
     not what the C++ program computes."""
-    from .blocks import _fold_conv, _fold_linear, _foldable, _fusable
+    from ...models.blocks import _fold_conv, _fold_linear, _foldable, _fusable
     blocks = list(stage.blocks)
     eps = blocks[0].norm1.eps
     if not (_layer_norm(stage.norm, stage.dim) and all(

@@ -8,7 +8,7 @@ How FLOPs are counted (all numbers are GFLOPs *per image*, where one FLOP is
 one multiply-accumulate, the fvcore / mmengine ``FlopAnalyzer`` convention the
 PVTv2 and DiT papers use):
 
-* **Backbone, analytic** -- :meth:`dit_mm.backbone.DiT.flops` of the routed
+* **Backbone, analytic** -- :meth:`dit_mm.models.backbone.DiT.flops` of the routed
   forward: ``real`` from the hard gate decisions of that image (kept tokens,
   open column edges, evaluated gates), ``expected`` from the gate
   probabilities (the quantity the budget loss trains), ``static`` = PVTv2's
@@ -57,9 +57,9 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
-from .backbone import DiT, RoutingRecord
-from .grid import NUM_SCALES, Node, node_key
-from .hooks import find_dit
+from ..engine.hooks import find_dit
+from ..models.backbone import DiT, RoutingRecord
+from ..models.grid import NUM_SCALES, Node, node_key
 
 __all__ = [
     'COUNTING_METHOD',
@@ -150,7 +150,7 @@ def load_config(config: str | Config, cfg_options: dict | None = None) -> Config
         FileNotFoundError: if the config file does not exist.
     """
     import dit_mm  # noqa: F401  (registers DiT and BudgetLossHook)
-    from dit_mm.runtime import allow_mmengine_checkpoints
+    from dit_mm.engine.runtime import allow_mmengine_checkpoints
     allow_mmengine_checkpoints()
     if isinstance(config, Config):
         cfg = config
@@ -258,7 +258,7 @@ def load_model(config: str | Config, checkpoint: str | None = None,
 def _load_weights(model: nn.Module, checkpoint: str) -> None:
     """``mmengine.runner.load_checkpoint`` (non-strict); mmengine training
     checkpoints load through the loader that
-    :func:`dit_mm.runtime.allow_mmengine_checkpoints` registers."""
+    :func:`dit_mm.engine.runtime.allow_mmengine_checkpoints` registers."""
     from mmengine.runner import load_checkpoint
     load_checkpoint(model, checkpoint, map_location='cpu')
 
@@ -695,7 +695,7 @@ def node_masks(backbone: DiT) -> dict[Node, torch.Tensor | None]:
     """Per node of the last forward: a boolean ``(h, w)`` map of computed
     tokens of image 0 (all True for a node that ran without a gate), or
     ``None`` for a node whose row edge did not run."""
-    from .grid import feature_sizes
+    from ..models.grid import feature_sizes
     rec = backbone.last_record
     if rec is None:
         raise RuntimeError('run the model first: the backbone has no routing record')

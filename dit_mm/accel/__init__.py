@@ -1,0 +1,1 @@
+"""Executors of the packed inference path (:mod:`.cpu`)."""
