@@ -158,8 +158,8 @@ def test_folded_norm_path_matches_the_plain_path_with_gradients(monkeypatch):
         x = torch.randn(2, 6 * 8, 32)
         keep = torch.rand(2, 48) < torch.tensor([[0.3], [0.8]])
         grads = []
-        for foldable in (blocks._foldable, lambda blk, eps: False):
-            monkeypatch.setattr(blocks, '_foldable', foldable)
+        for foldable in (blocks.foldable, lambda blk, eps: False):
+            monkeypatch.setattr(blocks, 'foldable', foldable)
             stage.zero_grad()
             out = stage.forward_sparse(x, (6, 8), keep)
             out.pow(2).sum().backward()
@@ -173,7 +173,7 @@ def test_folded_norm_path_matches_the_plain_path_with_gradients(monkeypatch):
 
 
 def test_prepared_weights_follow_parameter_updates():
-    from dit_mm.accel.cpu.onednn import prepared
+    from dit_mm.accel.cache import prepared
     lin = torch.nn.Linear(4, 4)
     calls = []
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from timm.layers import trunc_normal_
 from timm.models.pvt_v2 import OverlapPatchEmbed
 
-from ..accel.cpu.onednn import conv2d, forget_prepared
+from ..accel.cache import forget_prepared
+from ..accel.cpu.onednn import conv2d
 from ..utils.profiling import scope
 from .blocks import RoutedStage, tokens_to_map
 from .cost_model import GridCost, grid_cost
@@ -27,6 +27,7 @@ from .grid import (
     node_key,
     resolve_arch,
 )
+from .weights import init_pvt_module, load_pvt_pretrained
 
 KeepRatio = Union[None, float, Sequence[float]]
 
@@ -275,10 +276,9 @@ class DiT(BaseModule):
     def init_weights(self) -> None:
         """PVTv2's init, or PVTv2 weights from ``init_cfg`` (type 'Pretrained')."""
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            from .weights import load_pvt_pretrained
             load_pvt_pretrained(self, self.init_cfg['checkpoint'])
             return
-        self.apply(_init_pvt_module)
+        self.apply(init_pvt_module)
         for g in list(self.row_gates.values()) + list(self.col_gates.values()):
             g.reset_parameters()
 
@@ -532,22 +532,6 @@ def _fixed_generator(ref: torch.Tensor, i: int, j: int) -> torch.Generator:
     gen = torch.Generator(device=ref.device)
     gen.manual_seed(1000 * i + j)
     return gen
-
-
-def _init_pvt_module(m: nn.Module) -> None:
-    """PVTv2's init: truncated normal linears, fan-out normal convs."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def _patch_embed(embed: OverlapPatchEmbed, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from mmengine.logging import print_log
 
 from ...utils.profiling import scope
-from .onednn import prepared
+from ..cache import prepared
 
 #: C++ sources of the extension in ``dit_mm/accel/cpu/csrc``, in this order (the stage
 #: program calls the kernels).
