@@ -3,7 +3,9 @@
 The executors reorder weights for their kernels, and the packed forward
 folds norms into weights (:mod:`dit_mm.accel.folding`); :func:`prepared`
 computes each once per weight version and keeps it outside the module.
-Device independent.
+Device independent. The model reaches it through the seam
+(:func:`dit_mm.accel.prepared`), which bypasses it while acceleration is
+off.
 """
 from __future__ import annotations
 

@@ -11,8 +11,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from timm.models.pvt_v2 import OverlapPatchEmbed
 
-from ..accel.cache import forget_prepared
-from ..accel.cpu.onednn import conv2d
+from ..accel import conv2d, forget_prepared
 from ..utils.profiling import scope
 from .blocks import RoutedStage, tokens_to_map
 from .cost_model import GridCost, grid_cost

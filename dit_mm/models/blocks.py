@@ -13,7 +13,16 @@ three ways that give the same values for the same hard gate ``g``:
   images are packed into one ``(K, C)`` matrix, and only they go through the
   token-wise layers (query, attention, projection, MLP linears, norms). On
   float32 CPU tensors the whole packed stage runs as one C++ call
-  (:mod:`dit_mm.accel.cpu.native_stage`, same ops and values); elsewhere, in Python.
+  (:mod:`dit_mm.accel.cpu.native_stage`, same ops and values); elsewhere, in
+  Python.
+
+The GEMMs, convolutions, row writes, the sparse depthwise kernel, prepared
+and folded weights and the C++ stage program are reached through
+:mod:`dit_mm.accel` only, which runs each op on an executor or as its
+plain-PyTorch reference (``F.linear``, the module's conv, ``index_copy_``,
+no folding: ``DIT_MM_ACCEL=0``). Read with acceleration off, every branch
+below that asks the seam (``native_applies``, ``kernel_applies``,
+``foldable``) takes its plain path.
 
 Semantics of a skipped token inside the stage (shared by all three paths):
 it keeps its input value; keys/values come from the spatially reduced *full*
@@ -30,12 +39,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
 
-from ..accel.cache import forget_prepared, prepared
-from ..accel.cpu.native_stage import forget, native_applies, packed_forward
-from ..accel.cpu.onednn import conv2d, linear
-from ..accel.cpu.onednn import linear_module as _linear
-from ..accel.cpu.sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, write_rows
-from ..accel.folding import exact_gelu, fold_conv, fold_linear, foldable, fusable
+from ..accel import (
+    conv2d,
+    exact_gelu,
+    fold_conv,
+    fold_linear,
+    foldable,
+    forget_prepared,
+    forget_stage,
+    fusable,
+    kernel_applies,
+    linear,
+    native_applies,
+    neighbour_table,
+    packed_forward,
+    prepared,
+    sparse_dwconv_gelu,
+    write_rows,
+)
+from ..accel import linear_module as _linear
 from ..utils.profiling import scope
 
 #: Without the C++ stage program (:mod:`dit_mm.accel.cpu.native_stage`),
@@ -93,13 +115,13 @@ class RoutedStage(nn.Module):
         # weights may have been swapped without a version bump in between
         # (p.data.copy_: mmengine's EMAHook before validation)
         forget_prepared(self)
-        forget(self)
+        forget_stage(self)
         return super().train(mode)
 
     def _apply(self, *args, **kwargs):
         # moves and casts replace parameter data
         out = super()._apply(*args, **kwargs)
-        forget(self)
+        forget_stage(self)
         return out
 
     # ------------------------------------------------------------------ dense

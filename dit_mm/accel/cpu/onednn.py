@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import reference
 from ..cache import prepared
 
 
@@ -177,8 +178,4 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
         weight, bias = conv.weight, conv.bias
     if packed_applies(x) and _conv_packable(conv):
         return _packed_conv(conv, x, weight, bias, key, gelu)
-    if weight is conv.weight:
-        y = conv(x)
-    else:
-        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return F.gelu(y) if gelu else y
+    return reference.conv2d(conv, x, weight, bias, gelu)
