@@ -265,9 +265,10 @@ def _backbone_state(ckpt: str) -> dict:
 @pytest.mark.parametrize('config', [DET_TOY, SEG_TOY], ids=['mask_rcnn', 'semantic_fpn'])
 def test_classifier_checkpoint_initialises_det_seg(trained: dict, config: Path) -> None:
     from dit_mm import analysis
+    from dit_mm.analysis import loading
     cfg = analysis.load_config(str(config))
     cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=trained['ckpt'])
-    models, _ = analysis._registries(cfg)
+    models, _ = loading._registries(cfg)
     model = models.build(cfg.model)
     model.init_weights()
     want = _backbone_state(trained['ckpt'])
