@@ -2,12 +2,15 @@
 import pytest
 import torch
 
+from dit_mm import accel
 from dit_mm.accel.cpu import native_stage, onednn, sparse_ops
 from dit_mm.models.blocks import RoutedStage
 
 pytestmark = pytest.mark.skipif(
-    not sparse_ops.extension_available() or not onednn.packed_ops_available(),
-    reason='needs the C++ extension and the reordered oneDNN ops')
+    not accel.enabled() or not sparse_ops.extension_available()
+    or not onednn.packed_ops_available(),
+    reason='needs acceleration on (not DIT_MM_ACCEL=0), the C++ extension and the reordered '
+    'oneDNN ops')
 
 
 def _stage(dim: int = 40, sr: int = 2, depth: int = 2, heads: int = 2) -> RoutedStage:
