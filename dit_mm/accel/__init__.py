@@ -116,7 +116,8 @@ def executor(t: torch.Tensor):
     for the reference."""
     if not _enabled:
         return None
-    ex = EXECUTORS.get(t.device.type)
+    # is_cpu first: Tensor.device builds a torch.device object on every call
+    ex = EXECUTORS.get('cpu' if t.is_cpu else t.device.type)
     return ex if ex is not None and t.dtype in ex.DTYPES else None
 
 
