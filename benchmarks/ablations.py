@@ -87,6 +87,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='val images over which real FLOPs are averaged (default 200)')
     parser.add_argument('--work-dir', default='work_dirs/ablations')
     parser.add_argument('--out', default='benchmarks/ablations.json')
+    parser.add_argument('--skip-done', action='store_true',
+                        help='skip (task, variant, seed) runs already in --out (continue an '
+                        'interrupted study)')
     parser.add_argument('--report-only', action='store_true',
                         help='only rewrite the table and plot from --out')
     parser.add_argument('--analyse', action='store_true',
@@ -444,12 +447,15 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         args.flops_images = min(args.flops_images, 4)
         args.variants = args.variants or ['static', 'dynamic']
     data = prepare_data(args)
+    done = {(r['task'], r['variant'], r['seed']) for r in load_runs(out)} if args.skip_done \
+        else set()
     plan = []
     for seed in args.seeds:  # seed-major: an interrupted study has every variant
         for task in args.tasks:
             table = CLS_VARIANTS if task == 'classification' else DET_VARIANTS
             for variant in table:
-                if args.variants is None or variant in args.variants:
+                if (args.variants is None or variant in args.variants) and (
+                        task, variant, seed) not in done:
                     plan.append((task, variant, seed))
     meta = {'command': 'python benchmarks/ablations.py ' + ' '.join(argv or sys.argv[1:]),
             'cls_config': CLS_CONFIG, 'det_config': DET_CONFIG, 'cls_mu': CLS_MU,
