@@ -29,7 +29,7 @@ setup(
     long_description=(HERE / 'README.md').read_text() if (HERE / 'README.md').exists() else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['dit_mm', 'dit_mm.*']),
-    package_data={'dit_mm': ['csrc/*.cpp']},  # compiled at first use (sparse_ops)
+    package_data={'dit_mm.accel.cpu': ['csrc/*.cpp']},  # compiled at first use (sparse_ops)
     python_requires='>=3.10',
     install_requires=RUNTIME,
     extras_require={'dev': DEV},

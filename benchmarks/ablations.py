@@ -110,8 +110,8 @@ def random_keep_prob(mu: float, arch: str = 'b0', size: Sequence[int] = (96, 96)
     """Keep probability of ``gate='random'`` row gates at which DiT with
     every column edge open spends ``mu`` at ``size`` (the cost model): the
     random gates start at the budget and the learned column gates hold it."""
-    from dit_mm.cost_model import grid_cost, uniform_keep_for_budget
-    from dit_mm.grid import resolve_arch
+    from dit_mm.models.cost_model import grid_cost, uniform_keep_for_budget
+    from dit_mm.models.grid import resolve_arch
     cost = grid_cost(resolve_arch(arch), int(size[0]), int(size[1]))
     return round(uniform_keep_for_budget(cost, mu), 4)
 
@@ -418,8 +418,8 @@ def write_report(path: Path) -> None:
 
 # --------------------------------------------------------------------- main
 def prepare_data(args: argparse.Namespace) -> Dict[str, str]:
-    from dit_mm.toy_classification import generate_toy_classification
-    from dit_mm.toy_data import generate_toy_dataset
+    from dit_mm.datasets.toy_classification import generate_toy_classification
+    from dit_mm.datasets.toy_data import generate_toy_dataset
     if args.quick:
         base = Path(args.work_dir) / 'data'
         cls = generate_toy_classification(base / 'toy_cls', num_train=24, num_val=12,

@@ -55,8 +55,8 @@ def build_pair(arch: str = 'b2'):
     from mmdet.models.backbones.pvt import PyramidVisionTransformerV2
 
     from dit_mm import DiT
-    from dit_mm.grid import ARCH_SETTINGS
-    from dit_mm.weights import convert_pvt_state_dict, load_converted
+    from dit_mm.models.grid import ARCH_SETTINGS
+    from dit_mm.models.weights import convert_pvt_state_dict, load_converted
     a = ARCH_SETTINGS[arch]
     pvt = PyramidVisionTransformerV2(embed_dims=a['embed_dims'][0], num_layers=list(a['depths']),
                                      num_heads=list(a['num_heads']),
@@ -139,7 +139,7 @@ def _backbones_child(malloc: str, sizes: Sequence[int], batches: Sequence[int], 
                      threads: int, queue) -> None:
     """:func:`bench_backbones` in a fresh process with glibc's default
     allocator (``system``) or with freed memory kept for reuse (``keep``)."""
-    from dit_mm.runtime import keep_freed_memory
+    from dit_mm.engine.runtime import keep_freed_memory
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if malloc == 'keep' and not keep_freed_memory():
@@ -156,7 +156,7 @@ def bench_backbones_per_allocator(modes: Sequence[str], sizes: Sequence[int],
     glibc serves large blocks with fresh pages and returns freed heap tops to
     the kernel, so by default every forward page-faults its activations back
     in; that costs the dense grid (larger activations) more than the packed
-    path. ``keep`` removes it (:func:`dit_mm.runtime.keep_freed_memory`: no
+    path. ``keep`` removes it (:func:`dit_mm.engine.runtime.keep_freed_memory`: no
     page faults per forward in any variant here), so its rows are the fair ones.
     """
     ctx = mp.get_context('spawn')
@@ -180,9 +180,9 @@ class DiTView:
     """Runs one DiT under a given routing/keep_ratio (shared weights)."""
 
     def __init__(self, model, routing: str, keep_ratio, native: bool = True) -> None:
-        from dit_mm.blocks import RoutedStage
+        from dit_mm.models.blocks import RoutedStage
         self.model, self.routing, self.keep_ratio = model, routing, keep_ratio
-        self.native = native  # the C++ stage program (dit_mm.native_stage)
+        self.native = native  # the C++ stage program (dit_mm.accel.cpu.native_stage)
         self.stages = [m for m in model.modules() if isinstance(m, RoutedStage)]
 
     def _set(self):
@@ -302,7 +302,7 @@ def _open_budget_gates(dit, mu: float = 1.0) -> None:
 def bench_train_step(size: int, batch: int, rounds: int) -> dict:
     import copy
 
-    from dit_mm.hooks import BudgetLossHook
+    from dit_mm.engine.hooks import BudgetLossHook
     pvt, dit = build_pair('b2')
     dit.routing = 'dynamic'
     _open_budget_gates(dit, mu=1.0)  # gates that spend PVTv2's cost

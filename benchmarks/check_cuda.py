@@ -38,10 +38,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from dit_mm import DiT, blocks  # noqa: E402
-from dit_mm.blocks import RoutedStage  # noqa: E402
-from dit_mm.onednn import packed_applies  # noqa: E402
-from dit_mm.sparse_ops import kernel_applies  # noqa: E402
+from dit_mm import DiT  # noqa: E402
+from dit_mm.accel.cpu.onednn import packed_applies  # noqa: E402
+from dit_mm.accel.cpu.sparse_ops import kernel_applies  # noqa: E402
+from dit_mm.models import blocks  # noqa: E402
+from dit_mm.models.blocks import RoutedStage  # noqa: E402
 
 
 def check_stage(dev: str) -> dict:

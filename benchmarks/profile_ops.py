@@ -16,7 +16,7 @@ many forwards) and each kind's share of r = max(ratios).
 The r -> 0 column is the *floor*: what a forward costs with (almost) no token
 kept. Latency ratios follow roughly ``floor + r * (1 - floor)``, so this is
 the tool to find out why latency and FLOPs ratios disagree. glibc is told to
-keep freed memory (``dit_mm.runtime.keep_freed_memory``), as in the
+keep freed memory (``dit_mm.engine.runtime.keep_freed_memory``), as in the
 benchmark's ``keep`` rows. Nothing here is asserted by the tests but the
 shape of the report.
 """
@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from dit_mm import DiT
-    from dit_mm.runtime import keep_freed_memory
+    from dit_mm.engine.runtime import keep_freed_memory
     keep_freed_memory()
     model = DiT(args.arch, routing='full').eval()
     model.init_weights()

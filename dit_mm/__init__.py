@@ -5,11 +5,16 @@ Importing the package registers ``DiT`` in mmengine's root ``MODELS`` registry
 ``HOOKS`` registry and ``CPUAmpOptimWrapper`` in ``OPTIM_WRAPPERS``, and lets
 ``torch.load`` read mmengine checkpoints (resume). Use it from a config with
 ``custom_imports = dict(imports=['dit_mm'], allow_failed_imports=False)``.
+
+Layout (map in ``docs/design.md``): :mod:`dit_mm.models` (the model in plain
+PyTorch), :mod:`dit_mm.accel` (the dispatch seam and the executors of the
+packed inference path; ``DIT_MM_ACCEL=0`` runs the reference),
+:mod:`dit_mm.engine` (hooks, CPU AMP and DDP, checkpoints),
+:mod:`dit_mm.analysis` (FLOPs, routing statistics), :mod:`dit_mm.datasets`
+(toy data generators).
 """
-from .backbone import DiT, check_budget
-from .grid import ARCH_SETTINGS, GridSpec, resolve_arch
-from .hooks import BudgetLossHook, IterSeedHook
-from .runtime import CPUAmpOptimWrapper, allow_mmengine_checkpoints
+from .engine import BudgetLossHook, CPUAmpOptimWrapper, IterSeedHook, allow_mmengine_checkpoints
+from .models import ARCH_SETTINGS, DiT, GridSpec, check_budget, resolve_arch
 
 __all__ = ['DiT', 'BudgetLossHook', 'IterSeedHook', 'CPUAmpOptimWrapper', 'GridSpec',
            'ARCH_SETTINGS', 'resolve_arch', 'check_budget']

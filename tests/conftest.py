@@ -32,7 +32,7 @@ def spread_gates(model, scale: float = 2.0) -> None:
 @pytest.fixture(scope='session')
 def toy_root(tmp_path_factory):
     """A small generated toy data set (COCO + ADE-style), shared by tests."""
-    from dit_mm.toy_data import generate_toy_dataset
+    from dit_mm.datasets.toy_data import generate_toy_dataset
     root = tmp_path_factory.mktemp('toy')
     generate_toy_dataset(root, num_train=6, num_val=3, image_size=(128, 160), seed=0)
     return root

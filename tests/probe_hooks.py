@@ -8,7 +8,7 @@ from mmengine.dist import get_rank
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from dit_mm.hooks import find_dit
+from dit_mm.engine.hooks import find_dit
 
 
 @HOOKS.register_module()

@@ -8,7 +8,7 @@ from mmdet.models.backbones.pvt import PyramidVisionTransformerV2
 
 from conftest import make_dit, spread_gates
 from dit_mm import DiT
-from dit_mm.weights import convert_pvt_state_dict, load_converted
+from dit_mm.models.weights import convert_pvt_state_dict, load_converted
 
 
 def _perturb(model):

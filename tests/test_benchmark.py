@@ -95,8 +95,8 @@ def test_ablations_random_keep_prob_spends_mu():
     sys.path.insert(0, str(REPO / 'benchmarks'))
     from ablations import random_keep_prob
 
-    from dit_mm.cost_model import grid_cost
-    from dit_mm.grid import resolve_arch
+    from dit_mm.models.cost_model import grid_cost
+    from dit_mm.models.grid import resolve_arch
     cost = grid_cost(resolve_arch('b0'), 96, 96)
     p = random_keep_prob(0.95)
     spent = (sum(cost.embeds.values()) + sum(cost.col_gates.values()) + sum(

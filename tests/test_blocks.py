@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dit_mm.blocks import RoutedStage
+from dit_mm.models.blocks import RoutedStage
 
 
 def _stage(sr: int = 2) -> RoutedStage:
@@ -75,7 +75,8 @@ def test_masked_gradient_reaches_the_gate_mask():
 
 
 def test_sparse_kernel_matches_the_dense_conv_fallback(monkeypatch):
-    from dit_mm import blocks, sparse_ops
+    from dit_mm.accel.cpu import sparse_ops
+    from dit_mm.models import blocks
     if not sparse_ops.extension_available():
         pytest.skip('no C++ compiler: only the fallback path exists here')
     stage = _stage()
@@ -98,7 +99,7 @@ def test_kernel_conv_and_gelu_match_torch_at_kept_tokens(C):
     blocks only."""
     import torch.nn.functional as F
 
-    from dit_mm import sparse_ops
+    from dit_mm.accel.cpu import sparse_ops
     if not sparse_ops.extension_available():
         pytest.skip('no C++ compiler: only the fallback path exists here')
     B, H, W = 2, 7, 9
@@ -119,7 +120,7 @@ def test_kernel_conv_and_gelu_match_torch_at_kept_tokens(C):
 
 
 def test_neighbour_table_marks_borders_and_skipped_tokens():
-    from dit_mm.sparse_ops import neighbour_table
+    from dit_mm.accel.cpu.sparse_ops import neighbour_table
     keep = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool).reshape(-1)  # one 2x3 map
     nbr = neighbour_table(keep.nonzero().squeeze(1), 1, (2, 3))
     # token (0,0): up/left outside; right neighbour (0,1) is packed row 1,
@@ -128,20 +129,21 @@ def test_neighbour_table_marks_borders_and_skipped_tokens():
 
 
 def test_neighbour_table_kernel_matches_the_reference():
-    from dit_mm import sparse_ops
+    from dit_mm.accel import reference
+    from dit_mm.accel.cpu import sparse_ops
     if not sparse_ops.extension_available():
         pytest.skip('no C++ compiler: only the reference exists here')
     keep = torch.rand(3, 7 * 5) < torch.tensor([[0.05], [0.5], [1.0]])
     idx = keep.reshape(-1).nonzero().squeeze(1)
     fast = sparse_ops.neighbour_table(idx, 3, (7, 5))
-    assert torch.equal(fast, sparse_ops.neighbour_table_reference(idx, 3, (7, 5)))
+    assert torch.equal(fast, reference.neighbour_table(idx, 3, (7, 5)))
     assert (fast >= 0).any() and (fast == -1).any()
 
 
 def test_kernel_is_built_with_openmp():
     """``at::parallel_for`` is an OpenMP pragma in the header: a build
     without ``-fopenmp`` silently runs the kernel on one thread."""
-    from dit_mm import sparse_ops
+    from dit_mm.accel.cpu import sparse_ops
     if not sparse_ops.extension_available():
         pytest.skip('no C++ compiler: only the reference exists here')
     with open(sparse_ops._extension().__file__, 'rb') as f:
@@ -151,14 +153,14 @@ def test_kernel_is_built_with_openmp():
 def test_folded_norm_path_matches_the_plain_path_with_gradients(monkeypatch):
     """The packed path folds norm1's affine into the SR conv / kv linear;
     values and parameter gradients equal the unfolded computation."""
-    from dit_mm import blocks
+    from dit_mm.models import blocks
     for sr in (1, 2):
         stage = _stage(sr).train()
         x = torch.randn(2, 6 * 8, 32)
         keep = torch.rand(2, 48) < torch.tensor([[0.3], [0.8]])
         grads = []
-        for foldable in (blocks._foldable, lambda blk, eps: False):
-            monkeypatch.setattr(blocks, '_foldable', foldable)
+        for foldable in (blocks.foldable, lambda blk, eps: False):
+            monkeypatch.setattr(blocks, 'foldable', foldable)
             stage.zero_grad()
             out = stage.forward_sparse(x, (6, 8), keep)
             out.pow(2).sum().backward()
@@ -172,7 +174,7 @@ def test_folded_norm_path_matches_the_plain_path_with_gradients(monkeypatch):
 
 
 def test_prepared_weights_follow_parameter_updates():
-    from dit_mm.onednn import prepared
+    from dit_mm.accel.cache import prepared
     lin = torch.nn.Linear(4, 4)
     calls = []
 
@@ -196,14 +198,14 @@ def test_keep_freed_memory_takes_effect_on_glibc():
     import sys
     if platform.libc_ver()[0] != 'glibc':
         pytest.skip('glibc malloc only')
-    code = 'from dit_mm.runtime import keep_freed_memory; print(keep_freed_memory())'
+    code = 'from dit_mm.engine.runtime import keep_freed_memory; print(keep_freed_memory())'
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out[-1] == 'True'
 
 
 def test_linear_matches_f_linear_with_gradients():
-    from dit_mm.onednn import linear, onednn_applies
+    from dit_mm.accel.cpu.onednn import linear, onednn_applies
     x = torch.randn(3, 300, 96, requires_grad=True)  # above the oneDNN size
     w = torch.randn(160, 96, requires_grad=True)
     b = torch.randn(160, requires_grad=True)
@@ -220,7 +222,7 @@ def test_linear_matches_f_linear_with_gradients():
 
 def test_large_packed_path_with_onednn_gemms_matches_the_masked_path():
     """Large enough for the oneDNN GEMMs (K ~ 900 of 1728 tokens, C = 64)."""
-    from dit_mm.onednn import onednn_applies
+    from dit_mm.accel.cpu.onednn import onednn_applies
     stage = RoutedStage(dim=64, depth=2, num_heads=2, sr_ratio=2, mlp_ratio=4).eval()
     for p in stage.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
@@ -279,7 +281,7 @@ def test_profiler_scopes_are_recorded_only_under_a_profiler(monkeypatch):
     without a profiler they must not enter ``record_function`` at all."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dit_mm import profiling
+    from dit_mm.utils import profiling
     stage = _stage()
     x = torch.randn(2, 48, 32)
     keep = torch.rand(2, 48) < 0.5
@@ -297,7 +299,7 @@ def test_profiler_scopes_are_recorded_only_under_a_profiler(monkeypatch):
 
 
 def test_write_rows_matches_index_copy_and_checks_indices():
-    from dit_mm import sparse_ops
+    from dit_mm.accel.cpu import sparse_ops
     dst = torch.randn(50, 24)
     idx = torch.tensor([3, 7, 8, 20, 49])
     src = torch.randn(5, 24)

@@ -26,8 +26,8 @@ import torch
 from mmengine.config import Config
 
 import dit_mm
-from dit_mm.hooks import BudgetLossHook, install_budget_loss
-from dit_mm.toy_classification import TOY_CLS_CLASSES, generate_toy_classification
+from dit_mm.datasets.toy_classification import TOY_CLS_CLASSES, generate_toy_classification
+from dit_mm.engine.hooks import BudgetLossHook, install_budget_loss
 
 REPO = Path(__file__).resolve().parents[1]
 CLS_DIR = REPO / 'configs' / 'classification'
@@ -97,8 +97,8 @@ def test_in1k_recipe(path: Path) -> None:
     for key, value in ABLATIONS.get(ablation, {}).items():
         assert bb[key] == value
     if ablation == 'random_gate':  # the keep probability spends mu at 224^2
-        from dit_mm.cost_model import grid_cost, uniform_keep_for_budget
-        from dit_mm.grid import resolve_arch
+        from dit_mm.models.cost_model import grid_cost, uniform_keep_for_budget
+        from dit_mm.models.grid import resolve_arch
         p = uniform_keep_for_budget(grid_cost(resolve_arch('b2'), 224, 224), _hook(cfg)['mu'])
         assert bb.random_keep_prob == pytest.approx(p, abs=1e-4)
 
@@ -166,7 +166,7 @@ def test_toy_classification_set(tmp_path: Path) -> None:
 def test_toy_objects_span_scales() -> None:
     """Objects from a few pixels to most of the image: mask extents follow
     the requested size."""
-    from dit_mm.toy_classification import render_object
+    from dit_mm.datasets.toy_classification import render_object
     rng = np.random.default_rng(0)
     for name in TOY_CLS_CLASSES:
         for size in (6.0, 80.0):
@@ -265,9 +265,10 @@ def _backbone_state(ckpt: str) -> dict:
 @pytest.mark.parametrize('config', [DET_TOY, SEG_TOY], ids=['mask_rcnn', 'semantic_fpn'])
 def test_classifier_checkpoint_initialises_det_seg(trained: dict, config: Path) -> None:
     from dit_mm import analysis
+    from dit_mm.analysis import loading
     cfg = analysis.load_config(str(config))
     cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=trained['ckpt'])
-    models, _ = analysis._registries(cfg)
+    models, _ = loading._registries(cfg)
     model = models.build(cfg.model)
     model.init_weights()
     want = _backbone_state(trained['ckpt'])

@@ -22,10 +22,10 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DATASETS, HOOKS, MODELS, init_default_scope
 
 import dit_mm
-from dit_mm.backbone import check_budget
-from dit_mm.cost_model import grid_cost
-from dit_mm.grid import resolve_arch
-from dit_mm.hooks import install_budget_loss
+from dit_mm.engine.hooks import install_budget_loss
+from dit_mm.models.backbone import check_budget
+from dit_mm.models.cost_model import grid_cost
+from dit_mm.models.grid import resolve_arch
 
 ROOT = Path(__file__).resolve().parents[1] / 'configs'
 CONFIGS = sorted(p for kind in ('detection', 'segmentation')

@@ -4,8 +4,8 @@ import torch
 from mmengine.analysis import FlopAnalyzer
 
 from conftest import make_dit
-from dit_mm.cost_model import grid_cost
-from dit_mm.grid import resolve_arch
+from dit_mm.models.cost_model import grid_cost
+from dit_mm.models.grid import resolve_arch
 
 
 def _count(model, x) -> int:

@@ -1,6 +1,6 @@
 import torch
 
-from dit_mm.gates import ColumnGate, RowGate, attention_delta, hard_gumbel
+from dit_mm.models.gates import ColumnGate, RowGate, attention_delta, hard_gumbel
 
 
 def test_hard_gumbel_is_binary_with_straight_through_gradient():

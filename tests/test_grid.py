@@ -1,6 +1,6 @@
 import pytest
 
-from dit_mm.grid import ARCH_SETTINGS, feature_sizes, resolve_arch
+from dit_mm.models.grid import ARCH_SETTINGS, feature_sizes, resolve_arch
 
 
 def test_named_archs_follow_pvtv2():

@@ -9,7 +9,7 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 from dit_mm import BudgetLossHook, DiT
-from dit_mm.hooks import install_budget_loss
+from dit_mm.engine.hooks import install_budget_loss
 
 
 def _scalar(runner, key):

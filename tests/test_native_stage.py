@@ -1,13 +1,16 @@
-"""The C++ stage program (dit_mm.native_stage) against the Python packed path."""
+"""The C++ stage program (dit_mm.accel.cpu.native_stage) against the Python packed path."""
 import pytest
 import torch
 
-from dit_mm import native_stage, onednn, sparse_ops
-from dit_mm.blocks import RoutedStage
+from dit_mm import accel
+from dit_mm.accel.cpu import native_stage, onednn, sparse_ops
+from dit_mm.models.blocks import RoutedStage
 
 pytestmark = pytest.mark.skipif(
-    not sparse_ops.extension_available() or not onednn.packed_ops_available(),
-    reason='needs the C++ extension and the reordered oneDNN ops')
+    not accel.enabled() or not sparse_ops.extension_available()
+    or not onednn.packed_ops_available(),
+    reason='needs acceleration on (not DIT_MM_ACCEL=0), the C++ extension and the reordered '
+    'oneDNN ops')
 
 
 def _stage(dim: int = 40, sr: int = 2, depth: int = 2, heads: int = 2) -> RoutedStage:
@@ -27,7 +30,7 @@ def _both(stage: RoutedStage, x, hw, keep, monkeypatch=None):
         ran.append(out is not None)
         return out
     if monkeypatch is not None:
-        from dit_mm import blocks
+        from dit_mm.models import blocks
         monkeypatch.setattr(blocks, 'packed_forward', spy)
     with torch.no_grad():
         stage.native = True

@@ -1,4 +1,4 @@
-"""oneDNN GEMMs / convolutions with weights reordered once (dit_mm.onednn)."""
+"""oneDNN GEMMs / convolutions with weights reordered once (dit_mm.accel.cpu.onednn)."""
 import copy
 import pickle
 
@@ -7,8 +7,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit_mm import onednn
-from dit_mm.onednn import conv2d, linear, linear_module, packed_applies, packed_ops_available
+from dit_mm.accel import cache
+from dit_mm.accel.cpu import onednn
+from dit_mm.accel.cpu.onednn import (
+    conv2d,
+    linear,
+    linear_module,
+    packed_applies,
+    packed_ops_available,
+)
 
 needs_packed = pytest.mark.skipif(not packed_ops_available(),
                                   reason='oneDNN reordered-weight ops not in this build')
@@ -131,10 +138,10 @@ def test_small_gemms_take_f_linear_and_large_ones_the_reordered_weights(monkeypa
     with torch.no_grad():
         x = torch.randn(16, 64)
         assert torch.equal(linear_module(small, x), F.linear(x, small.weight, small.bias))
-        assert 'linear' not in onednn._PREPARED.get(small, {})
+        assert 'linear' not in cache._PREPARED.get(small, {})
         y = torch.randn(1, 512)
         out = linear_module(large, y)
-        assert 'linear' in onednn._PREPARED[large]  # 1 x 512 x 2048: reordered
+        assert 'linear' in cache._PREPARED[large]  # 1 x 512 x 2048: reordered
     assert torch.allclose(out, F.linear(y, large.weight, large.bias), atol=1e-4)
     w = torch.empty(1280, 320)
     assert onednn.plain_is_faster(1, w) and not onednn.plain_is_faster(4, w)

@@ -14,8 +14,8 @@ import matplotlib.image as mpimg
 import pytest
 
 from dit_mm import analysis
-from dit_mm.backbone import DiT
-from dit_mm.toy_data import generate_toy_dataset
+from dit_mm.datasets.toy_data import generate_toy_dataset
+from dit_mm.models.backbone import DiT
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / 'configs' / 'detection' / 'mask_rcnn_dit_b0_toy.py')

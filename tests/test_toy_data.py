@@ -1,4 +1,4 @@
-"""Tests of the synthetic toy data set generator (dit_mm.toy_data)."""
+"""Tests of the synthetic toy data set generator (dit_mm.datasets.toy_data)."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from dit_mm.toy_data import (
+from dit_mm.datasets.toy_data import (
     TOY_CLASSES,
     TOY_SEG_CLASSES,
     TOY_SEG_PALETTE,

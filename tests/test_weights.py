@@ -10,7 +10,7 @@ from mmdet.models.backbones.pvt import PyramidVisionTransformerV2
 
 from conftest import make_dit
 from dit_mm import DiT
-from dit_mm.weights import detect_layout, unwrap_state_dict
+from dit_mm.models.weights import detect_layout, unwrap_state_dict
 
 
 def timm_to_official(sd):
@@ -90,7 +90,7 @@ def test_missing_and_unexpected_keys_are_reported_briefly(tmp_path, timm_b0):
     sd['extra.thing'] = torch.zeros(1)
     path = tmp_path / 'partial.pth'
     torch.save(sd, path)
-    from dit_mm.weights import load_pvt_pretrained
+    from dit_mm.models.weights import load_pvt_pretrained
     model = make_dit('b0')
     report = load_pvt_pretrained(model, str(path))
     assert report['unexpected'] == []  # unknown keys are dropped by the converter

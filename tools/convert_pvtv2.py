@@ -15,7 +15,7 @@ import torch
 from mmengine.runner import CheckpointLoader
 
 from dit_mm import DiT
-from dit_mm.weights import convert_pvt_state_dict, load_converted
+from dit_mm.models.weights import convert_pvt_state_dict, load_converted
 
 
 def main(argv: Optional[List[str]] = None) -> None:

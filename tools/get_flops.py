@@ -20,7 +20,7 @@ PVTv2 / DiT papers and of mmengine's counter):
 * ratios ``real / C_base``, ``expected / C_base`` next to the budget ``mu``
   of the config's ``BudgetLossHook``.
 
-See :mod:`dit_mm.analysis` for exactly what is counted how.
+See :mod:`dit_mm.analysis.flops` for exactly what is counted how.
 """
 from __future__ import annotations
 

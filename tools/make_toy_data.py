@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 try:
-    from dit_mm.toy_classification import generate_toy_classification
-    from dit_mm.toy_data import generate_toy_dataset
+    from dit_mm.datasets.toy_classification import generate_toy_classification
+    from dit_mm.datasets.toy_data import generate_toy_dataset
 except ImportError:  # running from a checkout without an installed dit_mm
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dit_mm.toy_classification import generate_toy_classification
-    from dit_mm.toy_data import generate_toy_dataset
+    from dit_mm.datasets.toy_classification import generate_toy_classification
+    from dit_mm.datasets.toy_data import generate_toy_dataset
 
 # defaults per task: (out, num_train, num_val, (H, W))
 DEFAULTS = {'detection': ('data/toy', 48, 16, (256, 320)),

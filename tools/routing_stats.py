@@ -55,7 +55,7 @@ import torch
 from mmengine.config import DictAction
 
 from dit_mm import analysis
-from dit_mm.grid import NUM_SCALES
+from dit_mm.models.grid import NUM_SCALES
 
 COLUMNS = ('node', 'scale', 'stride', 'stage', 'diagonal', 'gated', 'ran_frac', 'skip_real',
            'skip_real_std', 'skip_expected', 'column_open')

@@ -12,7 +12,7 @@ from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from dit_mm.runtime import allow_mmengine_checkpoints, keep_freed_memory, setup_distributed
+from dit_mm.engine.runtime import allow_mmengine_checkpoints, keep_freed_memory, setup_distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:

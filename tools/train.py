@@ -13,7 +13,7 @@ import os.path as osp
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from dit_mm.runtime import allow_mmengine_checkpoints, enable_amp, setup_distributed
+from dit_mm.engine.runtime import allow_mmengine_checkpoints, enable_amp, setup_distributed
 
 
 def parse_args() -> argparse.Namespace:

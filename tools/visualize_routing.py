@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from dit_mm import analysis
-from dit_mm.grid import NUM_SCALES
+from dit_mm.models.grid import NUM_SCALES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,10 +1,10 @@
 """The packed forward of a grid node as one C++ call (inference, CPU).
 
-:meth:`dit_mm.blocks.RoutedStage.forward_sparse` runs about 150 ATen ops
+:meth:`dit_mm.models.blocks.RoutedStage.forward_sparse` runs about 150 ATen ops
 per block; on small maps each costs more in the interpreter and the Python
 bindings than in its kernel. DiT-b2's full grid at 32x32 input, where there
 is no real work, took 20 ms, as much as the FLOPs of r = 0.25 at 224x224.
-``dit_mm/csrc/packed_stage.cpp`` runs the same ops in the same order from
+``dit_mm/accel/cpu/csrc/packed_stage.cpp`` runs the same ops in the same order from
 C++: same values (the tests compare it bit for bit with the Python path),
 without the per-op overhead.
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.modules.module as _nn_module
 
+from ..folding import fold_conv, fold_linear, foldable, fusable
 from . import onednn, sparse_ops
 
 #: Tensors per block in the parameter list of ``packed_stage`` (C++ ``kParams``).
@@ -72,7 +73,7 @@ _nn_module.register_module_parameter_registration_hook(_bump)
 
 
 def forget(stage: nn.Module) -> None:
-    """Drops the plan of ``stage`` (see :func:`dit_mm.onednn.forget_prepared`)."""
+    """Drops the plan of ``stage`` (see :func:`dit_mm.accel.cache.forget_prepared`)."""
     _PLANS.pop(stage, None)
     _bump()
 
@@ -91,7 +92,7 @@ def packed_forward(stage: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
     has no plan (then the caller runs the Python path).
 
     Args:
-        stage: A :class:`dit_mm.blocks.RoutedStage`.
+        stage: A :class:`dit_mm.models.blocks.RoutedStage`.
         x: Tokens ``(B, N, C)``.
         hw: Map size ``(H, W)``.
         idx: Sorted flat positions of the kept tokens in ``(B * N)``.
@@ -147,11 +148,10 @@ def _plan(stage: nn.Module) -> Optional[Plan]:
 def _build(stage: nn.Module) -> Optional[Plan]:
     """Folded and reordered weights of every block, or ``None`` if a block is
     not what the C++ program computes."""
-    from .blocks import _fold_conv, _fold_linear, _foldable, _fusable
     blocks = list(stage.blocks)
     eps = blocks[0].norm1.eps
     if not (_layer_norm(stage.norm, stage.dim) and all(
-            _foldable(b, eps) and _fusable(b.mlp) and _layer_norm(b.norm2, stage.dim)
+            foldable(b, eps) and fusable(b.mlp) and _layer_norm(b.norm2, stage.dim)
             and getattr(b.attn, 'fused_attn', False) for b in blocks)):
         return None
     pack = onednn._pack_linear
@@ -160,18 +160,18 @@ def _build(stage: nn.Module) -> Optional[Plan]:
     epss: List[float] = []
     for blk in blocks:
         attn, n1, mlp = blk.attn, blk.norm1, blk.mlp
-        qw, qb = _fold_linear(attn.q.weight, attn.q.bias, n1.weight, n1.bias)
+        qw, qb = fold_linear(attn.q.weight, attn.q.bias, n1.weight, n1.bias)
         params += [qw, pack(qw), qb]
         if attn.sr is not None:
             if not (_layer_norm(attn.norm, stage.dim) and onednn._conv_packable(attn.sr)):
                 return None
-            sw, sb = _fold_conv(attn.sr.weight, attn.sr.bias, n1.weight, n1.bias)
+            sw, sb = fold_conv(attn.sr.weight, attn.sr.bias, n1.weight, n1.bias)
             kw, kb = attn.kv.weight, attn.kv.bias
             params += [onednn._pack_conv(sw, attn.sr), sb, attn.norm.weight, attn.norm.bias]
             ints += [attn.num_heads, *attn.sr.stride]
             epss += [n1.eps, attn.norm.eps]
         else:
-            kw, kb = _fold_linear(attn.kv.weight, attn.kv.bias, n1.weight, n1.bias)
+            kw, kb = fold_linear(attn.kv.weight, attn.kv.bias, n1.weight, n1.bias)
             params += [None, None, None, None]
             ints += [attn.num_heads, 0, 0]
             epss += [n1.eps, 0.0]

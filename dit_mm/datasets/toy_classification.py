@@ -3,7 +3,7 @@
 :func:`generate_toy_classification` renders one textured shape per image,
 of one of :data:`TOY_CLS_CLASSES` (each class a shape and a hue), onto a
 crop of a real photo shipped with scikit-image (the same backgrounds as
-:mod:`dit_mm.toy_data`). The shape's
+:mod:`dit_mm.datasets.toy_data`). The shape's
 extent is log-uniform between a few pixels and most of the image, so a
 classifier must find small objects among background clutter as well as
 recognise large ones: the case where routing tokens by scale should pay.

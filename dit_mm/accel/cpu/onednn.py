@@ -13,8 +13,9 @@ that per-call weight pass costs as much as the product itself. This module:
   and elsewhere through ``F.linear``;
 * :func:`conv2d`: an ``nn.Conv2d`` at inference with its weight reordered
   once (``torch.ops.mkldnn._convolution_pointwise``), else the module itself;
-* :func:`prepared`: the weight cache both use (and the folded and
-  transposed weights of :mod:`dit_mm.blocks` / :mod:`dit_mm.sparse_ops`).
+* both keep their reordered weights in :func:`dit_mm.accel.cache.prepared`
+  (as do the folded weights of :mod:`dit_mm.models.blocks` and the
+  transposed taps of :mod:`dit_mm.accel.cpu.sparse_ops`).
 
 Measured on this machine (AMD EPYC, 2 threads, µs per call; plain MKL /
 oneDNN with plain weights / oneDNN with reordered weights): 49x320 @ 320x1280
@@ -28,56 +29,15 @@ moves invalidate them. ``DIT_MM_NO_PACKED=1`` turns the reordered path off.
 from __future__ import annotations
 
 import os
-import weakref
 from functools import cache
-from typing import Callable, Dict, Optional, Tuple, TypeVar
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-T = TypeVar('T')
-
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, Dict[str, Tuple[tuple, object, tuple]]] = \
-    weakref.WeakKeyDictionary()
-
-
-def prepared(owner: nn.Module, key: str, fn: Callable[..., T],
-             *params: Optional[torch.Tensor]) -> T:
-    """``fn(*params)``, cached for ``owner`` while ``params`` are unchanged.
-
-    For weights derived from parameters at inference (folded, transposed,
-    reordered): computing them per call costs a pass over the weights, as
-    much as the work they save on small maps. The cache is keyed on each
-    tensor's storage address and version counter, so in-place updates
-    (``load_state_dict``, optimiser steps) and replaced or moved tensors
-    invalidate it; the entry holds the storages it was made from, so no new
-    tensor can reuse their addresses while it stands. With autograd enabled
-    nothing is cached, so gradients reach the parameters. The cache lives
-    outside ``owner`` and dies with it.
-    """
-    if torch.is_grad_enabled():
-        return fn(*params)
-    stamp = tuple(None if p is None else (p.data_ptr(), p._version, p.dtype, p.device)
-                  for p in params)
-    cache = _PREPARED.setdefault(owner, {})
-    hit = cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]  # type: ignore[return-value]
-    value = fn(*params)
-    pinned = tuple(p.untyped_storage() for p in params if p is not None)
-    cache[key] = (stamp, value, pinned)
-    return value
-
-
-def forget_prepared(module: nn.Module) -> None:
-    """Drops the prepared weights of ``module`` and its submodules, for
-    weight changes that bump no version counter and keep the storage:
-    ``p.data.copy_(...)``, as mmengine's ``EMAHook`` swaps in the averaged
-    weights before validation. The routed stages and the backbone call it
-    on every ``train()`` / ``eval()``."""
-    for m in module.modules():
-        _PREPARED.pop(m, None)
+from .. import reference
+from ..cache import prepared
 
 
 def onednn_applies(x: torch.Tensor) -> bool:
@@ -218,8 +178,4 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
         weight, bias = conv.weight, conv.bias
     if packed_applies(x) and _conv_packable(conv):
         return _packed_conv(conv, x, weight, bias, key, gelu)
-    if weight is conv.weight:
-        y = conv(x)
-    else:
-        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return F.gelu(y) if gelu else y
+    return reference.conv2d(conv, x, weight, bias, gelu)

@@ -1,4 +1,4 @@
-// Kernels of the packed path (dit_mm/sparse_ops.py): sparse 3x3 depthwise
+// Kernels of the packed path (dit_mm/accel/cpu/sparse_ops.py): sparse 3x3 depthwise
 // conv + GELU, row scatter, neighbour table. Built once per machine by
 // torch.utils.cpp_extension.load_inline, together with packed_stage.cpp.
 #include <torch/extension.h>

@@ -32,7 +32,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from .backbone import DiT, check_budget
+from ..models.backbone import DiT, check_budget
 
 
 def find_dit(model: torch.nn.Module) -> DiT:

@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from timm.layers import trunc_normal_
 from timm.models.pvt_v2 import OverlapPatchEmbed
 
+from ..accel import conv2d, forget_prepared
+from ..utils.profiling import scope
 from .blocks import RoutedStage, tokens_to_map
 from .cost_model import GridCost, grid_cost
 from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta, straight_through
@@ -25,8 +26,7 @@ from .grid import (
     node_key,
     resolve_arch,
 )
-from .onednn import conv2d, forget_prepared
-from .profiling import scope
+from .weights import init_pvt_module, load_pvt_pretrained
 
 KeepRatio = Union[None, float, Sequence[float]]
 
@@ -100,12 +100,12 @@ class DiT(BaseModule):
     """DiT: PVTv2 with dynamic token routing over a grid of scales x stages.
 
     Paper: "DiT: Efficient Vision Transformers with Dynamic Token Routing"
-    (Ma et al.). The grid is described in :mod:`dit_mm.grid` and
+    (Ma et al.). The grid is described in :mod:`dit_mm.models.grid` and
     ``docs/design.md``. Outputs are NCHW maps at strides 4, 8, 16 and 32.
 
     Args:
         arch: ``'b0'`` ... ``'b5'`` (PVTv2-B0..B5 widths, depths, heads, SR
-            and MLP ratios) or a dict, see :func:`dit_mm.grid.resolve_arch`.
+            and MLP ratios) or a dict, see :func:`dit_mm.models.grid.resolve_arch`.
         routing: ``'dynamic'`` (learned gates), ``'static'`` (PVTv2's own
             path, every token: exactly PVTv2) or ``'full'`` (every node and
             edge, every token). Table 6 of the paper.
@@ -145,7 +145,7 @@ class DiT(BaseModule):
             ``model.pretrained`` here).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads PVTv2
             weights (official release, mmdet or timm layout; see
-            :mod:`dit_mm.weights`), otherwise PVTv2's random init.
+            :mod:`dit_mm.models.weights`), otherwise PVTv2's random init.
     """
 
     min_size = 32
@@ -275,10 +275,9 @@ class DiT(BaseModule):
     def init_weights(self) -> None:
         """PVTv2's init, or PVTv2 weights from ``init_cfg`` (type 'Pretrained')."""
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            from .weights import load_pvt_pretrained
             load_pvt_pretrained(self, self.init_cfg['checkpoint'])
             return
-        self.apply(_init_pvt_module)
+        self.apply(init_pvt_module)
         for g in list(self.row_gates.values()) + list(self.col_gates.values()):
             g.reset_parameters()
 
@@ -534,23 +533,7 @@ def _fixed_generator(ref: torch.Tensor, i: int, j: int) -> torch.Generator:
     return gen
 
 
-def _init_pvt_module(m: nn.Module) -> None:
-    """PVTv2's init: truncated normal linears, fan-out normal convs."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 def _patch_embed(embed: OverlapPatchEmbed, x: torch.Tensor) -> torch.Tensor:
     """timm's ``OverlapPatchEmbed`` (conv, then LayerNorm on NHWC), with the
-    conv's weight reordered once at inference (:func:`dit_mm.onednn.conv2d`)."""
+    conv's weight reordered once at inference (:func:`dit_mm.accel.cpu.onednn.conv2d`)."""
     return embed.norm(conv2d(embed.proj, x).permute(0, 2, 3, 1))

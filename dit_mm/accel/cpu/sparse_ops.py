@@ -18,8 +18,8 @@ follows then also runs on kept rows only):
 * :func:`write_rows` writes packed rows back into a token map, with the same
   kernel build (4-6x faster than ``index_copy_`` here), else ``index_copy_``.
 
-The C++ sources are ``dit_mm/csrc/sparse_kernels.cpp`` and, in the same
-build, ``packed_stage.cpp`` (:mod:`dit_mm.native_stage`). The build is named
+The C++ sources are ``dit_mm/accel/cpu/csrc/sparse_kernels.cpp`` and, in the same
+build, ``packed_stage.cpp`` (:mod:`dit_mm.accel.cpu.native_stage`). The build is named
 after a hash of the sources, so an edited source is compiled anew.
 """
 from __future__ import annotations
@@ -32,10 +32,11 @@ from typing import Optional, Tuple
 import torch
 from mmengine.logging import print_log
 
-from .onednn import prepared
-from .profiling import scope
+from ...utils.profiling import scope
+from .. import reference
+from ..cache import prepared
 
-#: C++ sources of the extension in ``dit_mm/csrc``, in this order (the stage
+#: C++ sources of the extension in ``dit_mm/accel/cpu/csrc``, in this order (the stage
 #: program calls the kernels).
 SOURCES = ('sparse_kernels.cpp', 'packed_stage.cpp')
 _FUNCTIONS = ['dwconv', 'neighbours', 'scatter_rows', 'packed_stage']
@@ -115,27 +116,7 @@ def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int]) -> torch
     """
     if idx.device.type == 'cpu' and _extension() is not None:
         return _extension().neighbours(idx.contiguous(), batch, hw[0], hw[1])
-    return neighbour_table_reference(idx, batch, hw)
-
-
-def neighbour_table_reference(idx: torch.Tensor, batch: int, hw: Tuple[int, int]
-                              ) -> torch.Tensor:
-    """:func:`neighbour_table` in PyTorch ops (any device; the C++ version
-    is one call instead of ~60 small ops)."""
-    H, W = hw
-    n = H * W
-    packed = torch.full((batch * n,), -1, dtype=torch.long, device=idx.device)
-    packed[idx] = torch.arange(idx.numel(), device=idx.device)
-    b, rest = idx // n, idx % n
-    y, x = rest // W, rest % W
-    taps = []
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            yy, xx = y + dy, x + dx
-            inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            flat = b * n + yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)
-            taps.append(torch.where(inside, packed[flat], torch.full_like(flat, -1)))
-    return torch.stack(taps, dim=1).contiguous()
+    return reference.neighbour_table(idx, batch, hw)
 
 
 def kernel_applies(h: torch.Tensor) -> bool:
@@ -153,7 +134,7 @@ def write_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch
     if (kernel_applies(src) and dst.dtype == torch.float32 and dst.device.type == 'cpu'
             and dst.is_contiguous() and src.is_contiguous() and idx.dtype == torch.long):
         return _extension().scatter_rows(dst, idx.contiguous(), src)
-    return dst.index_copy_(0, idx, src)
+    return reference.write_rows(dst, idx, src)
 
 
 def _taps(weight: torch.Tensor, bias: Optional[torch.Tensor]

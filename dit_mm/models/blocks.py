@@ -13,7 +13,16 @@ three ways that give the same values for the same hard gate ``g``:
   images are packed into one ``(K, C)`` matrix, and only they go through the
   token-wise layers (query, attention, projection, MLP linears, norms). On
   float32 CPU tensors the whole packed stage runs as one C++ call
-  (:mod:`dit_mm.native_stage`, same ops and values); elsewhere, in Python.
+  (:mod:`dit_mm.accel.cpu.native_stage`, same ops and values); elsewhere, in
+  Python.
+
+The GEMMs, convolutions, row writes, the sparse depthwise kernel, prepared
+and folded weights and the C++ stage program are reached through
+:mod:`dit_mm.accel` only, which runs each op on an executor or as its
+plain-PyTorch reference (``F.linear``, the module's conv, ``index_copy_``,
+no folding: ``DIT_MM_ACCEL=0``). Read with acceleration off, every branch
+below that asks the seam (``native_applies``, ``kernel_applies``,
+``foldable``) takes its plain path.
 
 Semantics of a skipped token inside the stage (shared by all three paths):
 it keeps its input value; keys/values come from the spatially reduced *full*
@@ -30,13 +39,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Block
 
-from .native_stage import forget, native_applies, packed_forward
-from .onednn import conv2d, forget_prepared, linear, prepared
-from .onednn import linear_module as _linear
-from .profiling import scope
-from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, write_rows
+from ..accel import (
+    conv2d,
+    exact_gelu,
+    fold_conv,
+    fold_linear,
+    foldable,
+    forget_prepared,
+    forget_stage,
+    fusable,
+    kernel_applies,
+    linear,
+    native_applies,
+    neighbour_table,
+    packed_forward,
+    prepared,
+    sparse_dwconv_gelu,
+    write_rows,
+)
+from ..accel import linear_module as _linear
+from ..utils.profiling import scope
 
-#: Without the C++ stage program (:mod:`dit_mm.native_stage`),
+#: Without the C++ stage program (:mod:`dit_mm.accel.cpu.native_stage`),
 #: :meth:`RoutedStage.forward_sparse` computes densely (with skipped tokens
 #: held, same values) when more than this fraction of a node's tokens is kept.
 #: Whole DiT-b2, packed / held at r = 0.85 and 0.92 kept: 0.92 / 0.96 at 224²
@@ -84,20 +108,20 @@ class RoutedStage(nn.Module):
         self.dense_above = DENSE_ABOVE
         self.dense_above_accelerator = DENSE_ABOVE_ACCELERATOR
         #: run the packed path as one C++ call where it applies
-        #: (:mod:`dit_mm.native_stage`)
+        #: (:mod:`dit_mm.accel.cpu.native_stage`)
         self.native = True
 
     def train(self, mode: bool = True) -> RoutedStage:
         # weights may have been swapped without a version bump in between
         # (p.data.copy_: mmengine's EMAHook before validation)
         forget_prepared(self)
-        forget(self)
+        forget_stage(self)
         return super().train(mode)
 
     def _apply(self, *args, **kwargs):
         # moves and casts replace parameter data
         out = super()._apply(*args, **kwargs)
-        forget(self)
+        forget_stage(self)
         return out
 
     # ------------------------------------------------------------------ dense
@@ -149,7 +173,7 @@ class RoutedStage(nn.Module):
     def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],
                        keep: torch.Tensor) -> torch.Tensor:
         """Inference path: computes only the kept tokens. Float32 CPU
-        inference runs the C++ stage program (:mod:`dit_mm.native_stage`);
+        inference runs the C++ stage program (:mod:`dit_mm.accel.cpu.native_stage`);
         elsewhere, with autograd off, the Python path computes densely (with
         the same values) when more than ``self.dense_above`` of the tokens
         are kept, or ``self.dense_above_accelerator`` off the CPU.
@@ -168,7 +192,7 @@ class RoutedStage(nn.Module):
             idx = keep.reshape(-1).nonzero().squeeze(1)  # sorted: images are contiguous
         if idx.numel() == 0:
             return x
-        if native_applies(self, x):  # the same ops from C++ (dit_mm.native_stage);
+        if native_applies(self, x):  # the same ops from C++ (dit_mm.accel.cpu.native_stage);
             out = packed_forward(self, x, hw, idx)  # packs at any kept fraction
             if out is not None:
                 return out
@@ -184,8 +208,8 @@ class RoutedStage(nn.Module):
             counts = keep.sum(dim=1).tolist()
             base = x.reshape(B * N, C)
             t = base.index_select(0, idx)
-        if kernel_applies(t) and all(_fusable(blk.mlp) for blk in self.blocks):
-            # depthwise conv + GELU at the kept tokens only (dit_mm.sparse_ops)
+        if kernel_applies(t) and all(fusable(blk.mlp) for blk in self.blocks):
+            # depthwise conv + GELU at the kept tokens only (dit_mm.accel.cpu.sparse_ops)
             with scope('dit::gather'):
                 nbr = neighbour_table(idx, B, hw)
             hidden = t.new_empty(K, self.blocks[0].mlp.fc1.out_features)
@@ -200,7 +224,7 @@ class RoutedStage(nn.Module):
         # and fold each block's norm1 affine into its SR conv / kv weights.
         # The query linear gets the same fold.
         eps = self.blocks[0].norm1.eps
-        if all(_foldable(blk, eps) for blk in self.blocks):
+        if all(foldable(blk, eps) for blk in self.blocks):
             normalise = partial(_normalise, unit=(x.new_ones(C), x.new_zeros(C)), eps=eps)
             normed = normalise(base)
             kv_fn = partial(_keys_values_folded, hw=hw)
@@ -284,27 +308,11 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
     if skipped is not None:
         h.view(-1, h.shape[-1]).index_fill_(0, skipped, 0.0)
     m = mlp.relu(tokens_to_map(h, hw))
-    if _exact_gelu(mlp.act):  # fused into the conv at inference
+    if exact_gelu(mlp.act):  # fused into the conv at inference
         h = map_to_tokens(conv2d(mlp.dwconv, m, gelu=True))
     else:
         h = mlp.act(map_to_tokens(conv2d(mlp.dwconv, m)))
     return mlp.drop(_linear(mlp.fc2, mlp.drop(h)))
-
-
-def _exact_gelu(act: nn.Module) -> bool:
-    return isinstance(act, nn.GELU) and act.approximate == 'none'
-
-
-def _foldable(blk: nn.Module, eps: float) -> bool:
-    """Whether ``blk.norm1`` is a channel LayerNorm with affine weights and
-    ``eps`` whose affine part :func:`_keys_values_folded` can fold into the
-    spatial reduction (a padding-free conv) or the kv linear."""
-    norm, sr = blk.norm1, blk.attn.sr
-    return (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
-            and norm.bias is not None and norm.eps == eps
-            and getattr(blk.attn, 'pool', None) is None
-            and (sr is None or (sr.padding == (0, 0) and sr.dilation == (1, 1)
-                                and sr.groups == 1 and sr.padding_mode == 'zeros')))
 
 
 def _write_rows(buffer: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -324,12 +332,12 @@ def _keys_values_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tenso
     weight version at inference."""
     B = x_hat.shape[0]
     if attn.sr is not None:
-        w, bias = prepared(attn, 'folded_sr', _fold_conv, attn.sr.weight, attn.sr.bias,
+        w, bias = prepared(attn, 'folded_sr', fold_conv, attn.sr.weight, attn.sr.bias,
                            norm1.weight, norm1.bias)
         y = conv2d(attn.sr, tokens_to_map(x_hat, hw), w, bias, key='folded')
         kv = _linear(attn.kv, attn.norm(map_to_tokens(y)))
     else:
-        w, bias = prepared(attn, 'folded_kv', _fold_linear, attn.kv.weight, attn.kv.bias,
+        w, bias = prepared(attn, 'folded_kv', fold_linear, attn.kv.weight, attn.kv.bias,
                            norm1.weight, norm1.bias)
         kv = linear(x_hat, w, bias, owner=attn, key='folded_kv_packed')
     kv = kv.reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -347,22 +355,9 @@ def _normalise(x: torch.Tensor, unit: Tuple[torch.Tensor, torch.Tensor],
 def _query_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor) -> torch.Tensor:
     """``attn.q(norm1(x))`` from ``x_hat``, ``norm1(x)`` without its affine
     part, which is folded into the query weights."""
-    w, bias = prepared(attn, 'folded_q', _fold_linear, attn.q.weight, attn.q.bias,
+    w, bias = prepared(attn, 'folded_q', fold_linear, attn.q.weight, attn.q.bias,
                        norm1.weight, norm1.bias)
     return linear(x_hat, w, bias, owner=attn, key='folded_q_packed')
-
-
-def _fold_conv(w: torch.Tensor, b: Optional[torch.Tensor], gamma: torch.Tensor,
-               beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``conv(x * gamma + beta) == conv'(x)`` for a padding-free conv."""
-    bias = (w * beta.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
-    return w * gamma.view(1, -1, 1, 1), bias if b is None else bias + b
-
-
-def _fold_linear(w: torch.Tensor, b: Optional[torch.Tensor], gamma: torch.Tensor,
-                 beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``linear(x * gamma + beta) == linear'(x)``."""
-    return w * gamma, w @ beta if b is None else torch.addmv(b, w, beta)
 
 
 def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
@@ -391,14 +386,6 @@ def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
     return F.dropout(a, dropout) @ v
-
-
-def _fusable(mlp: nn.Module) -> bool:
-    """PVTv2's MLP as :func:`sparse_dwconv_gelu` computes it (no extra ReLU,
-    exact GELU, 3x3 depthwise conv)."""
-    return (isinstance(mlp.relu, nn.Identity) and _exact_gelu(mlp.act)
-            and mlp.dwconv.kernel_size == (3, 3)
-            and mlp.dwconv.groups == mlp.dwconv.in_channels)
 
 
 def _mlp_packed_kernel(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor,

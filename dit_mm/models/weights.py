@@ -1,4 +1,5 @@
-"""PVTv2 checkpoints -> DiT: layout detection, conversion and loading.
+"""PVTv2 checkpoints -> DiT: layout detection, conversion and loading, and
+PVTv2's random init (:func:`init_pvt_module`) for what a checkpoint lacks.
 
 Three PVTv2 layouts are accepted:
 
@@ -17,13 +18,16 @@ same stage's blocks. Gates are not in PVTv2 and keep their own init.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Tuple
 
 import torch
+import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
+from timm.layers import trunc_normal_
 from timm.models.pvt_v2 import checkpoint_filter_fn
 
 from .grid import ARCH_SETTINGS, NUM_SCALES, node_key
@@ -243,6 +247,22 @@ def load_converted(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     return dict(missing=missing, unexpected=unexpected)
 
 
+def init_pvt_module(m: nn.Module) -> None:
+    """PVTv2's init: truncated normal linears, fan-out normal convs."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def load_pvt_pretrained(model: torch.nn.Module, checkpoint: str) -> Dict[str, List[str]]:
     """Initialises ``model`` (a DiT) from a PVTv2 or DiT checkpoint file/URL.
 
@@ -253,8 +273,7 @@ def load_pvt_pretrained(model: torch.nn.Module, checkpoint: str) -> Dict[str, Li
     if layout == 'dit':
         check_dit_checkpoint(model, state, f'{checkpoint} (dit layout)')
     else:
-        from .backbone import _init_pvt_module
-        model.apply(_init_pvt_module)  # modules the checkpoint does not cover
+        model.apply(init_pvt_module)  # modules the checkpoint does not cover
         for g in list(model.row_gates.values()) + list(model.col_gates.values()):
             g.reset_parameters()
     report = load_converted(model, state, source=f'{checkpoint} ({layout} layout)')

@@ -1,4 +1,4 @@
-// The packed forward of one grid node (dit_mm/native_stage.py), in one call.
+// The packed forward of one grid node (dit_mm/accel/cpu/native_stage.py), in one call.
 //
 // It runs the ops of RoutedStage.forward_sparse's kernel path in the same
 // order on the same tensors, so it gives the same values. What it removes
@@ -13,7 +13,7 @@ using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
 // Entries per block in packed_stage's `params` (see BLOCK_PARAMS in
-// dit_mm/native_stage.py) and per block in `ints` / `eps`.
+// dit_mm/accel/cpu/native_stage.py) and per block in `ints` / `eps`.
 constexpr int64_t kParams = 23, kInts = 3, kEps = 3;
 
 // Runs a dispatcher op on boxed arguments; returns its single tensor output.
