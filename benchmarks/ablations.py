@@ -95,6 +95,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--analyse', action='store_true',
                         help='after the runs (or alone, with --report-only): accuracy per '
                         'object size of every classification checkpoint, learning curves')
+    parser.add_argument('--analyse-seeds', nargs='+', type=int,
+                        help='--analyse only the runs of these seeds (default: all)')
     parser.add_argument('--quick', action='store_true',
                         help='smoke test: tiny generated data, 4 iterations, one seed')
     args = parser.parse_args(argv)
@@ -259,12 +261,14 @@ def curves(run: Dict[str, Any]) -> Dict[str, List[float]]:
     return {k: [r.get(k, math.nan) for r in logged] for k in keys}
 
 
-def analyse(path: Path, data_root: str) -> None:
-    """Adds ``top1_by_size`` to every classification run of ``path`` that
-    lacks it, and writes the learning curves (``*_curves.png``)."""
+def analyse(path: Path, data_root: str, seeds: Optional[Sequence[int]] = None) -> None:
+    """Adds ``top1_by_size`` to every classification run of ``path`` (of
+    ``seeds``, default all) that lacks it, and writes the learning curves
+    (``*_curves.png``)."""
     data = json.loads(path.read_text())
     for r in data['runs']:
-        if r['task'] == 'classification' and 'top1_by_size' not in r:
+        if r['task'] == 'classification' and 'top1_by_size' not in r and (
+                seeds is None or r['seed'] in seeds):
             print(f"analysing {r['variant']} seed {r['seed']} ...", flush=True)
             r['top1_by_size'] = accuracy_by_size(r, data_root)
             path.write_text(json.dumps(data, indent=1))
@@ -441,7 +445,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     out = Path(args.out)
     if args.report_only:
         if args.analyse:
-            analyse(out, prepare_data(args)['cls'])
+            analyse(out, prepare_data(args)['cls'], args.analyse_seeds)
         write_report(out)
         print(out.with_suffix('.md').read_text())
         return load_runs(out)
@@ -479,7 +483,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
               f'{rec["real_flops_ratio"]:.3f}, step {rec["step_time_s"] or math.nan:.3f} s '
               f'({time.perf_counter() - t0:.0f} s; ETA {eta / 60:.0f} min)', flush=True)
     if args.analyse and runs:
-        analyse(out, data['cls'])
+        analyse(out, data['cls'], args.analyse_seeds)
         write_report(out)
     if runs:
         print(out.with_suffix('.md').read_text())
