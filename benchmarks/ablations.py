@@ -364,8 +364,9 @@ def markdown(runs: Sequence[Dict[str, Any]]) -> str:
     sized = [r for r in runs if r['task'] == 'classification' and 'top1_by_size' in r]
     if sized:
         bins = list(sized[0]['top1_by_size'])
-        lines += ['Top-1 (%) by object extent on the val images, mean over seeds, and in '
-                  'brackets the mean kept fraction of the stride-4 nodes '
+        seeds = sorted({r['seed'] for r in sized})
+        lines += [f'Top-1 (%) by object extent on the val images (mean over seeds {seeds}), '
+                  'and in brackets the mean kept fraction of the stride-4 nodes '
                   '(`python benchmarks/ablations.py --report-only --analyse`):', '',
                   '| variant | ' + ' | '.join(bins) + ' |', '|---|' + '---|' * len(bins)]
         for v in CLS_VARIANTS:
