@@ -101,7 +101,7 @@ def test_eval_is_deterministic_and_uses_ema_weights():
 
 
 def test_training_forward_updates_gate_ema():
-    model = make_dit('b0', gate_momentum=0.5).train()
+    model = make_dit('b0', gate_momentum=0.5, gate_ema_warmup=False).train()
     gate = model.row_gates['s0_t0']
     with torch.no_grad():
         gate.proj.weight.add_(1.0)

@@ -1,6 +1,7 @@
 """Evaluate a DiT detector, segmentor or classifier (mmdet, mmseg or mmpretrain config).
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--metrics-json FILE]
+                         [--budget B | --keep-ratio R]
     bash tools/dist_test.sh CONFIG CHECKPOINT 2
 """
 import argparse
@@ -12,6 +13,7 @@ from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
+from dit_mm.engine.hooks import find_dit
 from dit_mm.engine.runtime import allow_mmengine_checkpoints, keep_freed_memory, setup_distributed
 
 
@@ -23,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--metrics-json', help='also write the metrics to this JSON file')
     parser.add_argument('--keep-ratio', type=float, default=None,
                         help="override the backbone's keep_ratio at inference")
+    parser.add_argument('--budget', type=float, default=None,
+                        help='inference budget (x C_base) read off the spend curve of a '
+                             'checkpoint calibrated by tools/calibrate_budget.py')
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help='keep freed memory for reuse instead of page-faulting it back '
                              'in every forward (glibc; faster CPU inference, the process '
@@ -33,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default='none', help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
+    if args.budget is not None and args.keep_ratio is not None:
+        parser.error('give --budget or --keep-ratio, not both (a keep ratio overrides the '
+                     'row gates that the budget dials)')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
@@ -56,6 +64,17 @@ def main(argv=None) -> dict:
     cfg.load_from = args.checkpoint
     setup_distributed(cfg, args.launcher)
     runner = Runner.from_cfg(cfg)
+    if args.budget is not None:
+        # load now, so that a budget outside the stored curve fails before testing
+        runner.load_or_resume()
+        backbone = find_dit(runner.model)
+        try:
+            backbone.budget = args.budget
+            backbone.gate_offset()
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f'--budget {args.budget}: {e}') from None
+        print_log(f'--budget {args.budget}: gate offset {backbone.gate_offset():+.4f} from the '
+                  f'spend curve of {args.checkpoint}', logger='current')
     metrics = runner.test()
     if args.metrics_json and runner.rank == 0:
         with open(args.metrics_json, 'w') as f:

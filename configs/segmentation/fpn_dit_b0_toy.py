@@ -70,6 +70,9 @@ custom_hooks = [
     # reseeds torch's RNG every iteration: a resumed run continues exactly
     dict(type='IterSeedHook', seed=0),
 ]
+# seeds the init, the data order and the augmentations: two runs are equal
+# (tools/train.py --cfg-options randomness.seed=K for another run)
+randomness = dict(seed=0)
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=100, max_keep_ckpts=2))

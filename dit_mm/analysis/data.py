@@ -4,6 +4,7 @@ random inputs of a fixed size, and preprocessed inputs back to pictures.
 """
 from __future__ import annotations
 
+import copy
 import os.path as osp
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,12 +21,23 @@ Batch = dict[str, Any]  # preprocessed: {'inputs': (B, C, H, W) tensor, 'data_sa
 
 
 def _dataloader_cfg(cfg: Config, split: str) -> dict:
-    key = {'val': 'val_dataloader', 'test': 'test_dataloader'}.get(split)
+    """The data loader config of ``split``. ``'train'`` is the training set
+    read through the *test* pipeline (no augmentation), as inference sees it."""
+    key = {'val': 'val_dataloader', 'test': 'test_dataloader',
+           'train': 'train_dataloader'}.get(split)
     if key is None:
-        raise ValueError(f"split={split!r} must be 'val' or 'test'")
+        raise ValueError(f"split={split!r} must be 'train', 'val' or 'test'")
     if cfg.get(key) is None:
         raise ValueError(f'the config has no {key}')
-    return cfg[key]
+    if split != 'train':
+        return cfg[key]
+    loader = copy.deepcopy(cfg[key])
+    inner = loader['dataset']
+    while 'pipeline' not in inner and 'dataset' in inner:  # RepeatDataset & co.
+        inner = inner['dataset']
+    inner['pipeline'] = _test_pipeline(cfg, 'val' if cfg.get('val_dataloader') else 'test')
+    loader['dataset'] = inner  # without the wrappers: each image once
+    return loader
 
 
 def _build_dataset(cfg: Config, split: str) -> Any:
@@ -46,7 +58,8 @@ def iter_dataset_images(cfg: Config, model: nn.Module | None = None, split: str 
             ``model.data_preprocessor(data, False)`` (normalised, padded
             ``inputs`` on the model's device); otherwise the raw collated
             batches of the data loader are yielded.
-        split: ``'val'`` or ``'test'``.
+        split: ``'val'``, ``'test'`` or ``'train'`` (the training images
+            through the test pipeline).
         num_images: Number of images (``None``: all).
     """
     from mmengine.runner import Runner

@@ -14,6 +14,7 @@ from timm.models.pvt_v2 import OverlapPatchEmbed
 from ..accel import conv2d, forget_prepared
 from ..utils.profiling import scope
 from .blocks import RoutedStage, tokens_to_map
+from .budget_dial import CALIBRATE_HINT, BudgetDial
 from .cost_model import GridCost, grid_cost
 from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta, straight_through
 from .grid import (
@@ -128,6 +129,13 @@ class DiT(BaseModule):
         gate_init: Initial keep logits: ``diagonal`` (PVTv2's nodes),
             ``off_diagonal`` (extra nodes) and ``column`` (column edges).
         gate_momentum: EMA momentum of the gate weights (paper eq. 3).
+        gate_ema_warmup: Ramp the EMA momentum up with the number of EMA
+            steps ``n`` taken so far: ``min(gate_momentum, (1 + n) / (10 + n))``.
+            Without it, after ``n`` steps the EMA still holds
+            ``gate_momentum ** n`` of the initial gate weights (74 % after 300
+            steps at 0.999), so a short run or fine-tune is evaluated with
+            gates it has mostly not learned. ``n`` is a checkpointed buffer
+            (``gate_ema_steps``), so a resumed run continues the ramp exactly.
         gate_tau: Gumbel-softmax temperature (annealed by ``BudgetLossHook``).
         random_keep_prob: Keep probability of ``gate='random'``.
         sparse_training: Train with the packed path too: only kept tokens
@@ -137,6 +145,13 @@ class DiT(BaseModule):
             skipped tokens), and drop path is not applied inside gated
             nodes. Off by default: the dense masked path gives every token's
             gate its task gradient.
+        budget: Inference budget (x ``C_base``) read off the spend curve that
+            ``tools/calibrate_budget.py`` stores in the checkpoint: sets the
+            gates' logit offset to spend that much, without retraining.
+            ``None``: the checkpoint's own offset (0, i.e. the model as
+            trained, unless calibrated). Settable on a built model:
+            ``model.backbone.budget = 0.6``. See
+            :mod:`dit_mm.models.budget_dial`.
         embed_norm_eps: eps of the LayerNorms in the patch embeddings and the
             attention's spatial reduction: 1e-5 in the official PVTv2 and
             timm; mmdet's ``PyramidVisionTransformerV2`` uses 1e-6.
@@ -149,6 +164,9 @@ class DiT(BaseModule):
     """
 
     min_size = 32
+    #: state-dict entries newer than the first checkpoints: a checkpoint
+    #: without them loads (EMA ramp restarted, offset 0, no spend curve)
+    optional_state_keys = ('gate_ema_steps', 'dial.offset', 'dial.curve')
 
     def __init__(self,
                  arch: Union[str, dict] = 'b2',
@@ -162,9 +180,11 @@ class DiT(BaseModule):
                  drop_path_rate: float = 0.1,
                  gate_init: Optional[dict] = None,
                  gate_momentum: float = 0.999,
+                 gate_ema_warmup: bool = True,
                  gate_tau: float = 1.0,
                  random_keep_prob: float = 0.5,
                  sparse_training: bool = False,
+                 budget: Optional[float] = None,
                  embed_norm_eps: float = 1e-5,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None) -> None:
@@ -198,6 +218,13 @@ class DiT(BaseModule):
         # cost reported at inference uses the temperature the model ended with
         self.register_buffer('gate_temperature', torch.tensor(float(gate_tau)))
         self.random_keep_prob = random_keep_prob
+        self.gate_ema_warmup = bool(gate_ema_warmup)
+        self.register_buffer('gate_ema_steps', torch.zeros((), dtype=torch.long))
+        # the budget dial: calibrated gate offset and spend curve (buffers)
+        self.dial = BudgetDial()
+        self._budget: Optional[float] = None
+        self._budget_offset: Optional[float] = None  # resolved from the curve
+        self.budget = budget
         self.sparse_training = bool(sparse_training)
         self.generator: Optional[torch.Generator] = None  # Gumbel noise source
         inits = dict(diagonal=2.0, off_diagonal=0.0, column=0.0)
@@ -231,6 +258,7 @@ class DiT(BaseModule):
                                                   or name.endswith('attn.norm')):
                 mod.eps = embed_norm_eps
         self.last_record: Optional[RoutingRecord] = None
+        self._offset_now: Optional[float] = None
 
     # ------------------------------------------------------------ properties
     @property
@@ -271,6 +299,53 @@ class DiT(BaseModule):
             value = float(value) if isinstance(value, (int, float)) else tuple(map(float, values))
         self._keep_ratio = value
 
+    @property
+    def budget(self) -> Optional[float]:
+        """Inference budget on the calibrated spend curve (``None``: the
+        checkpoint's own gate offset). Setting it checks it against the
+        stored curve at once; before a checkpoint with a curve is loaded
+        (a ``budget`` constructor argument), at the first forward."""
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: Optional[float]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise ValueError(f'budget={value!r} must be None or a positive fraction of '
+                             "PVTv2's static cost C_base")
+        self._budget = None if value is None else float(value)
+        self._budget_offset = None
+        if value is not None and self.dial.has_curve:
+            self._budget_offset = self.dial.offset_for(self._budget)
+
+    def gate_offset(self) -> float:
+        """The logit offset the learned gates use now: the budget's, read
+        off the spend curve, or the checkpoint's calibrated offset.
+
+        Raises:
+            RuntimeError: if ``budget`` is set and no spend curve is loaded.
+        """
+        if self._budget is None:
+            return float(self.dial.offset)
+        if self._budget_offset is None:
+            if not self.dial.has_curve:
+                raise RuntimeError(
+                    f'DiT: budget={self._budget} is read off the spend curve of a calibrated '
+                    f'checkpoint, and this model has none; {CALIBRATE_HINT}, then load it '
+                    '(or set budget=None)')
+            self._budget_offset = self.dial.offset_for(self._budget)
+        return self._budget_offset
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        missing_keys: List[str] = args[2] if len(args) > 2 else kwargs['missing_keys']
+        before = set(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + 'gate_ema_steps'
+        if key in missing_keys and key not in before:  # a checkpoint older than the ramp
+            missing_keys.remove(key)
+            self.gate_ema_steps.zero_()
+        self._budget_offset = None  # a new curve may have come with it
+
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
         """PVTv2's init, or PVTv2 weights from ``init_cfg`` (type 'Pretrained')."""
@@ -288,13 +363,23 @@ class DiT(BaseModule):
         forget_prepared(self)
         return super().train(mode)
 
+    def ema_momentum(self) -> float:
+        """Momentum of the next EMA step (ramped with ``gate_ema_warmup``)."""
+        m = next(iter(self.row_gates.values())).momentum
+        if not self.gate_ema_warmup:
+            return m
+        n = int(self.gate_ema_steps)
+        return min(m, (1.0 + n) / (10.0 + n))
+
     @torch.no_grad()
     def update_gate_ema(self) -> None:
         """One EMA step of every gate (paper eq. 3). Runs at the start of
         every training forward (with gradients on), i.e. once per iteration,
         on the weights left by the previous optimizer step."""
+        m = self.ema_momentum()
         for g in list(self.row_gates.values()) + list(self.col_gates.values()):
-            g.update_ema()
+            g.update_ema(m)
+        self.gate_ema_steps.add_(1)
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -307,6 +392,8 @@ class DiT(BaseModule):
         self._check_input(x)
         if self.training and torch.is_grad_enabled():
             self.update_gate_ema()
+        offset = self.gate_offset()
+        self._offset_now = None if offset == 0.0 else offset
         B, _, H, W = x.shape
         sizes = feature_sizes(H, W)
         rec = RoutingRecord(size=(H, W), batch=B, device=x.device)
@@ -359,7 +446,8 @@ class DiT(BaseModule):
             rec.embeds[(i, j)] = (ones, ones)
             return dst + self._embed(key, src, sizes[i - 1])
         with scope('dit::gate'):
-            out = self.col_gates[key](src, self.gate_tau, self._noise_generator(src))
+            out = self.col_gates[key](src, self.gate_tau, self._noise_generator(src),
+                                      self._offset_now)
         rec.col_gates.append((i, j))
         rec.embeds[(i, j)] = (out.prob, out.mask.detach())
         gate = out.mask.to(dst.dtype).view(B, 1, 1)  # exact 0/1, straight-through grad
@@ -404,7 +492,8 @@ class DiT(BaseModule):
 
     def _row_gate(self, i: int, j: int, x: torch.Tensor) -> GateOutput:
         if self.gate_type == 'learned':
-            return self.row_gates[node_key(i, j)](x, self.gate_tau, self._noise_generator(x))
+            return self.row_gates[node_key(i, j)](x, self.gate_tau, self._noise_generator(x),
+                                                  self._offset_now)
         if self.gate_type == 'attention':
             delta = attention_delta(x.detach())
         else:

@@ -115,8 +115,9 @@ class _EMALinearGate(nn.Module):
         self.ema_bias.copy_(self.proj.bias)
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        m = self.momentum
+    def update_ema(self, momentum: Optional[float] = None) -> None:
+        """One EMA step with ``momentum`` (default: the gate's own)."""
+        m = self.momentum if momentum is None else momentum
         self.ema_weight.mul_(m).add_(self.proj.weight.detach(), alpha=1 - m)
         self.ema_bias.mul_(m).add_(self.proj.bias.detach(), alpha=1 - m)
 
@@ -151,8 +152,12 @@ class RowGate(_EMALinearGate):
     """
 
     def forward(self, x: torch.Tensor, tau: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> GateOutput:
-        return self.decide(self.delta(x), tau, generator)
+                generator: Optional[torch.Generator] = None,
+                offset: Optional[torch.Tensor] = None) -> GateOutput:
+        """``offset``: added to the keep logit (the budget dial,
+        :mod:`dit_mm.models.budget_dial`); ``None`` adds nothing."""
+        delta = self.delta(x)
+        return self.decide(delta if offset is None else delta + offset, tau, generator)
 
 
 class ColumnGate(_EMALinearGate):
@@ -163,8 +168,10 @@ class ColumnGate(_EMALinearGate):
     """
 
     def forward(self, x: torch.Tensor, tau: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> GateOutput:
-        return self.decide(self.delta(x.float().mean(dim=1)), tau, generator)
+                generator: Optional[torch.Generator] = None,
+                offset: Optional[torch.Tensor] = None) -> GateOutput:
+        delta = self.delta(x.float().mean(dim=1))
+        return self.decide(delta if offset is None else delta + offset, tau, generator)
 
 
 def attention_delta(x: torch.Tensor) -> torch.Tensor:

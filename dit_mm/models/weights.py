@@ -188,9 +188,11 @@ def check_dit_checkpoint(model: torch.nn.Module, sd: Mapping[str, torch.Tensor],
             are missing, unexpected or of another shape.
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    optional = tuple(getattr(model, 'optional_state_keys', ()))
+    missing = [k for k in own if k not in sd and k not in optional]
     unexpected = [k for k in sd if k not in own]
-    mismatched = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    mismatched = [k for k in sd if k in own and k not in optional
+                  and own[k].shape != sd[k].shape]
     if not (missing or unexpected or mismatched):
         return
     parts = [f'{len(v)} {name} (e.g. {_short(v, 3)})'
@@ -222,8 +224,9 @@ def load_converted(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         dict with ``missing`` and ``unexpected`` key lists.
     """
     own = model.state_dict()
+    optional = tuple(getattr(model, 'optional_state_keys', ()))
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-                  if k in own and own[k].shape != v.shape]
+                  if k in own and k not in optional and own[k].shape != v.shape]
     if mismatched:
         k, got, want = mismatched[0]
         raise ValueError(
