@@ -275,3 +275,89 @@ def test_weights_swapped_through_data_are_used_after_eval():
         got = old(x)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-5)
+
+
+# ----------------------------------------------------- mmdet-style options
+def _frozen_and_trainable(model: DiT, k: int):
+    frozen = set()
+    for m in model.frozen_modules():
+        frozen |= {id(p) for p in m.parameters()}
+    return frozen
+
+
+@pytest.mark.parametrize('k', [0, 2, 4])
+def test_frozen_stages_freeze_stem_nodes_edges_and_gates(k):
+    model = make_dit('b0', frozen_stages=k, routing='dynamic')
+    spread_gates(model)
+    model.train()
+    with torch.no_grad():  # live gate weights away from their EMA copies
+        for g in list(model.row_gates.values()) + list(model.col_gates.values()):
+            g.proj.weight.add_(0.1)
+    ema_before = {n: b.clone() for n, b in model.named_buffers() if 'ema_' in n}
+    frozen = _frozen_and_trainable(model, k)
+    prefixes = ['stem.'] if k >= 0 else []
+    for (i, j) in model.spec.nodes:
+        if j < k:
+            prefixes += [f'stages.s{i}_t{j}.', f'row_gates.s{i}_t{j}.',
+                         f'embeds.s{i}_t{j}.', f'col_gates.s{i}_t{j}.']
+    for name, p in model.named_parameters():
+        should = any(name.startswith(pre) for pre in prefixes)
+        assert (id(p) in frozen) == should and p.requires_grad == (not should), name
+    for name, m in model.named_modules():
+        if any(name.startswith(pre) or name + '.' in prefixes for pre in prefixes):
+            assert not m.training, name  # frozen parts stay in eval mode
+    out = model(torch.randn(2, 3, 64, 64))
+    if k == 4:  # everything frozen: nothing to train
+        assert not any(o.requires_grad for o in out)
+    else:
+        (sum(o.square().mean() for o in out) + model.budget_loss(1.0)).backward()
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None, name
+        assert all(p.grad is not None for n, p in model.named_parameters()
+                   if p.requires_grad and n.startswith('stages.s3_t3.'))
+    for name, b in model.named_buffers():
+        if not name.endswith('ema_weight'):  # (the biases were not moved)
+            continue
+        gate_frozen = any(name.startswith(pre) for pre in prefixes)
+        assert torch.equal(b, ema_before[name]) == gate_frozen, name  # no EMA update if frozen
+
+
+def test_frozen_stages_survive_train_and_validate():
+    model = make_dit('b0', frozen_stages=1)
+    model.train()
+    assert not model.stem.training and not model.stages['s0_t0'].training
+    assert model.stages['s1_t1'].training
+    model.eval().train()
+    assert not model.row_gates['s0_t0'].training
+    assert DiT('b0').frozen_modules() == []
+    for bad in (-2, 5, 1.5, True):
+        with pytest.raises(ValueError, match='frozen_stages'):
+            DiT('b0', frozen_stages=bad)
+
+
+@pytest.mark.parametrize('sparse_training', [False, True])
+def test_drop_rates_reach_the_blocks_and_act_in_training(sparse_training):
+    kwargs = dict(routing='full', keep_ratio=0.5, drop_path_rate=0.0,
+                  sparse_training=sparse_training)
+    model = make_dit('b0', drop_rate=0.3, attn_drop_rate=0.2, **kwargs)
+    blk = model.stages['s1_t2'].blocks[0]
+    assert blk.attn.proj_drop.p == 0.3 and blk.attn.attn_drop.p == 0.2
+    assert blk.mlp.drop.p == 0.3
+    plain = make_dit('b0', **kwargs)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    model.train()
+    plain.train()
+    a, b = model(x), model(x)
+    assert any(not torch.equal(u, v) for u, v in zip(a, b))  # dropout draws differ
+    c, d = plain(x), plain(x)
+    assert all(torch.equal(u, v) for u, v in zip(c, d))  # no dropout: deterministic
+    model.eval()
+    plain.eval()
+    with torch.no_grad():  # no dropout at inference
+        for u, v in zip(model(x), plain(x)):
+            assert torch.equal(u, v)
+    for bad in (dict(drop_rate=1.0), dict(attn_drop_rate=-0.1)):
+        with pytest.raises(ValueError, match='drop'):
+            DiT('b0', **bad)

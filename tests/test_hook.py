@@ -128,3 +128,33 @@ def test_eval_of_a_trained_toy_model(toy_root, tmp_path):
     metrics = runner.test()
     assert 'coco/bbox_mAP' in metrics
     assert isinstance(runner.model.backbone, DiT) and not runner.model.training
+
+
+def test_mu_is_checked_at_the_training_input_size(toy_root, tmp_path):
+    """mu's bound C_full / C_base depends on the input size. A mu that is
+    legal at the toy set's size but above the bound at 224x224 trains (the
+    hook used to reject it before the first step); a mu above the bound at
+    the real size fails at the first step, naming that size."""
+    probe = DiT('b0')
+    toy_bound, bound_224 = probe.max_budget((256, 320)), probe.max_budget((224, 224))
+    assert toy_bound > bound_224
+    cfg = det_toy_cfg(toy_root, tmp_path, iters=1)
+    cfg.custom_hooks[0].mu = 0.5 * (toy_bound + bound_224)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert torch.isfinite(torch.tensor(_scalar(runner, 'loss_budget')))
+    cfg = det_toy_cfg(toy_root, tmp_path / 'over', iters=1)
+    cfg.custom_hooks[0].mu = toy_bound + 0.01
+    with pytest.raises(ValueError, match=r'must be in \(0, [0-9.]+\].*at 256x320 inputs'):
+        Runner.from_cfg(cfg).train()
+
+
+def test_toy_configs_are_seeded(toy_root, tmp_path):
+    """Two runs of the toy config give the same losses (init, data order,
+    augmentations and gate noise all seeded)."""
+    losses = []
+    for run in range(2):
+        runner = Runner.from_cfg(det_toy_cfg(toy_root, tmp_path / f'run{run}', iters=2))
+        runner.train()
+        losses.append([_scalar(runner, k) for k in ('loss', 'loss_budget', 'flops_real')])
+    assert losses[0] == losses[1]

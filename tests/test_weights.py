@@ -92,9 +92,43 @@ def test_missing_and_unexpected_keys_are_reported_briefly(tmp_path, timm_b0):
     torch.save(sd, path)
     from dit_mm.models.weights import load_pvt_pretrained
     model = make_dit('b0')
-    report = load_pvt_pretrained(model, str(path))
+    with pytest.raises(ValueError, match=r'weights are not in it.*allow_missing=True'):
+        load_pvt_pretrained(model, str(path))  # missing PVTv2 weights: an error by default
+    report = load_pvt_pretrained(model, str(path), allow_missing=True)
     assert report['unexpected'] == []  # unknown keys are dropped by the converter
     assert report['missing'] and all('stages.s3_t3.blocks.1.' in k for k in report['missing'])
+
+
+def test_pvt_checkpoint_of_another_arch_with_the_same_widths_is_an_error(tmp_path):
+    """timm pvt_v2_b1 into DiT-b2 (same widths, fewer blocks) used to load
+    with only a warning and leave a half-initialised model."""
+    path = tmp_path / 'timm_b1.pth'
+    torch.save(timm.create_model('pvt_v2_b1').state_dict(), path)
+    model = DiT('b2', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match=r"looks like arch 'b1'.*model is arch 'b2'") as info:
+        model.init_weights()
+    assert 'allow_missing=True' in str(info.value) and len(str(info.value)) < 700
+    # the explicit opt-out loads what there is and keeps the rest at its init
+    model = DiT('b2', init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                    allow_missing=True))
+    model.init_weights()
+    got = model.state_dict()['stages.s0_t0.blocks.0.attn.q.weight']
+    assert torch.equal(got, torch.load(path)['stages.0.blocks.0.attn.q.weight'])
+
+
+def test_convert_tool_rejects_another_arch(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[1] / 'tools' / 'convert_pvtv2.py'
+    spec = importlib.util.spec_from_file_location('convert_pvtv2', tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    src = tmp_path / 'timm_b1.pth'
+    torch.save(timm.create_model('pvt_v2_b1').state_dict(), src)
+    with pytest.raises(SystemExit, match=r"looks like arch 'b1'.*--allow-missing"):
+        mod.main([str(src), str(tmp_path / 'out.pth'), '--arch', 'b2'])
+    mod.main([str(src), str(tmp_path / 'out.pth'), '--arch', 'b2', '--allow-missing'])
+    assert (tmp_path / 'out.pth').is_file()
 
 
 def test_unknown_layout_is_rejected():

@@ -15,7 +15,7 @@ import torch
 from mmengine.runner import CheckpointLoader
 
 from dit_mm import DiT
-from dit_mm.models.weights import convert_pvt_state_dict, load_converted
+from dit_mm.models.weights import check_pvt_checkpoint, convert_pvt_state_dict, load_converted
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -23,6 +23,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('src', help='PVTv2 checkpoint (file path or URL)')
     parser.add_argument('dst', help='output .pth with a DiT state_dict')
     parser.add_argument('--arch', default='b2', help="DiT arch 'b0'..'b5'")
+    parser.add_argument('--allow-missing', action='store_true',
+                        help='accept a checkpoint that does not cover the arch (the weights it '
+                             'lacks keep their random init)')
     args = parser.parse_args(argv)
     if '://' not in args.src and not osp.isfile(args.src):
         raise SystemExit(f'checkpoint not found: {args.src}')
@@ -30,6 +33,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     model.init_weights()
     ckpt = CheckpointLoader.load_checkpoint(args.src, map_location='cpu')
     state, layout = convert_pvt_state_dict(ckpt, model)
+    try:
+        if layout != 'dit':
+            check_pvt_checkpoint(model, state, args.src, args.allow_missing)
+    except ValueError as e:
+        raise SystemExit(str(e).replace("init_cfg=dict(type='Pretrained', checkpoint=..., "
+                                        'allow_missing=True)', '--allow-missing')) from None
     report = load_converted(model, state, source=args.src)  # raises on a wrong arch
     torch.save(dict(state_dict=model.state_dict(),
                     meta=dict(source=args.src, layout=layout, arch=args.arch, **report)),

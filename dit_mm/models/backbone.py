@@ -126,6 +126,15 @@ class DiT(BaseModule):
         out_indices: Scales to output (0..3 = strides 4..32).
         drop_path_rate: Stochastic-depth rate, linear over PVTv2's blocks;
             off-diagonal nodes reuse the rates of their scale.
+        drop_rate: Dropout after the attention projection and in the MLPs
+            (mmdet's ``drop_rate``; timm's ``proj_drop``).
+        attn_drop_rate: Dropout of the attention weights.
+        frozen_stages: mmdet's convention: ``-1`` freezes nothing, ``k``
+            freezes the stem and stages ``1..k``, i.e. every grid node,
+            column edge and gate of grid columns ``0..k-1``. Frozen parts
+            stay in eval mode (no dropout or drop path; their gates decide
+            deterministically from their EMA weights), get no gradients and
+            no EMA updates.
         gate_init: Initial keep logits: ``diagonal`` (PVTv2's nodes),
             ``off_diagonal`` (extra nodes) and ``column`` (column edges).
         gate_momentum: EMA momentum of the gate weights (paper eq. 3).
@@ -160,7 +169,10 @@ class DiT(BaseModule):
             ``model.pretrained`` here).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads PVTv2
             weights (official release, mmdet or timm layout; see
-            :mod:`dit_mm.models.weights`), otherwise PVTv2's random init.
+            :mod:`dit_mm.models.weights`), otherwise PVTv2's random init. A
+            PVTv2 checkpoint that does not cover the model (e.g. of another
+            arch with the same widths) is an error unless
+            ``allow_missing=True`` is added to the dict.
     """
 
     min_size = 32
@@ -178,6 +190,9 @@ class DiT(BaseModule):
                  in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  drop_path_rate: float = 0.1,
+                 drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0,
+                 frozen_stages: int = -1,
                  gate_init: Optional[dict] = None,
                  gate_momentum: float = 0.999,
                  gate_ema_warmup: bool = True,
@@ -201,8 +216,16 @@ class DiT(BaseModule):
         if bad or not out_indices:
             raise ValueError(f'out_indices={tuple(out_indices)} must be a non-empty subset of '
                              f'{tuple(range(NUM_SCALES))} (strides 4, 8, 16, 32)')
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
+        for name, rate in (('drop_path_rate', drop_path_rate), ('drop_rate', drop_rate),
+                           ('attn_drop_rate', attn_drop_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f'{name} must be in [0, 1), got {rate}')
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) \
+                or not -1 <= frozen_stages <= NUM_SCALES:
+            raise ValueError(f'frozen_stages={frozen_stages!r} must be an int in '
+                             f'[-1, {NUM_SCALES}]: -1 freezes nothing, k the stem and stages '
+                             '1..k')
+        self.frozen_stages = frozen_stages
         if not gate_tau > 0:
             raise ValueError(f'gate_tau must be > 0, got {gate_tau}')
         if not 0.0 < random_keep_prob < 1.0:
@@ -245,7 +268,8 @@ class DiT(BaseModule):
             depth = spec.depth(i, j)
             dp = [rates[offsets[i] + min(k, spec.depths[i] - 1)] for k in range(depth)]
             self.stages[key] = RoutedStage(dims[i], depth, spec.num_heads[i], spec.sr_ratios[i],
-                                           spec.mlp_ratios[i], drop_path=dp)
+                                           spec.mlp_ratios[i], drop_path=dp, drop=drop_rate,
+                                           attn_drop=attn_drop_rate)
             self.row_gates[key] = RowGate(
                 dims[i], inits['diagonal' if i == j else 'off_diagonal'], gate_momentum)
             if i > 0:
@@ -259,6 +283,7 @@ class DiT(BaseModule):
                 mod.eps = embed_norm_eps
         self.last_record: Optional[RoutingRecord] = None
         self._offset_now: Optional[float] = None
+        self._freeze_stages()
 
     # ------------------------------------------------------------ properties
     @property
@@ -350,7 +375,8 @@ class DiT(BaseModule):
     def init_weights(self) -> None:
         """PVTv2's init, or PVTv2 weights from ``init_cfg`` (type 'Pretrained')."""
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            load_pvt_pretrained(self, self.init_cfg['checkpoint'])
+            load_pvt_pretrained(self, self.init_cfg['checkpoint'],
+                                allow_missing=bool(self.init_cfg.get('allow_missing', False)))
             return
         self.apply(init_pvt_module)
         for g in list(self.row_gates.values()) + list(self.col_gates.values()):
@@ -361,7 +387,32 @@ class DiT(BaseModule):
         # mmengine's EMAHook swaps weights with p.data.copy_, which bumps no
         # version counter, just before validation
         forget_prepared(self)
-        return super().train(mode)
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def frozen_modules(self) -> List[nn.Module]:
+        """The stem and every node, column edge and gate of the frozen
+        grid columns (``frozen_stages``)."""
+        if self.frozen_stages < 0:
+            return []
+        mods: List[nn.Module] = [self.stem]
+        for (i, j) in self.spec.nodes:
+            if j >= self.frozen_stages:
+                continue
+            key = node_key(i, j)
+            mods += [self.stages[key], self.row_gates[key]]
+            if key in self.embeds:
+                mods.append(self.embeds[key])
+            if key in self.col_gates:
+                mods.append(self.col_gates[key])
+        return mods
+
+    def _freeze_stages(self) -> None:
+        for m in self.frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
 
     def ema_momentum(self) -> float:
         """Momentum of the next EMA step (ramped with ``gate_ema_warmup``)."""
@@ -378,7 +429,8 @@ class DiT(BaseModule):
         on the weights left by the previous optimizer step."""
         m = self.ema_momentum()
         for g in list(self.row_gates.values()) + list(self.col_gates.values()):
-            g.update_ema(m)
+            if g.training:  # frozen gates stay as they are
+                g.update_ema(m)
         self.gate_ema_steps.add_(1)
 
     # --------------------------------------------------------------- forward
@@ -590,7 +642,7 @@ class DiT(BaseModule):
         """Budget term ``(C_expected / C_base - mu)^2`` of the last forward
         (paper eq. 6), averaged over the images of the batch."""
         cost, exp, _ = self._last_spent('budget_loss()')
-        check_budget(mu, cost.full / cost.static)
+        check_budget(mu, cost.full / cost.static, self.last_record.size)
         return ((exp / cost.static - mu) ** 2).mean()
 
     def keep_ratios(self) -> Dict[str, float]:
@@ -607,12 +659,14 @@ class DiT(BaseModule):
         return out
 
 
-def check_budget(mu: float, max_mu: float) -> None:
-    """Raises a clear error for a budget outside ``(0, C_full / C_base]``."""
+def check_budget(mu: float, max_mu: float, size: Optional[Tuple[int, int]] = None) -> None:
+    """Raises a clear error for a budget outside ``(0, C_full / C_base]``
+    (``max_mu``, at the input ``size`` when given)."""
     if not isinstance(mu, (int, float)) or not 0.0 < mu <= max_mu + 1e-9:
+        at = f' at {size[0]}x{size[1]} inputs' if size is not None else ''
         raise ValueError(f'budget mu={mu!r} must be in (0, {max_mu:.3f}]: it is a fraction of '
                          "PVTv2's static cost C_base, and the full grid costs "
-                         f'{max_mu:.3f} x C_base')
+                         f'{max_mu:.3f} x C_base{at}')
 
 
 def _fixed_generator(ref: torch.Tensor, i: int, j: int) -> torch.Generator:

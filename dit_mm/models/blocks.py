@@ -93,16 +93,20 @@ class RoutedStage(nn.Module):
         mlp_ratio: Hidden ratio of the MLP.
         drop_path: Stochastic-depth rate per block.
         qkv_bias: Bias in the query/key/value projections.
+        drop: Dropout rate after the attention projection and in the MLP
+            (timm's ``proj_drop``, mmdet's ``drop_rate``).
+        attn_drop: Dropout rate of the attention weights.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, sr_ratio: int,
                  mlp_ratio: float, drop_path: Sequence[float] = (),
-                 qkv_bias: bool = True) -> None:
+                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0) -> None:
         super().__init__()
         rates = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList([
             Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, sr_ratio=sr_ratio,
-                  qkv_bias=qkv_bias, drop_path=rates[k]) for k in range(depth)])
+                  qkv_bias=qkv_bias, proj_drop=drop, attn_drop=attn_drop, drop_path=rates[k])
+            for k in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.dim = dim
         self.dense_above = DENSE_ABOVE
@@ -370,12 +374,20 @@ def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
     """
     C = q.shape[1]
     heads, hd = attn.num_heads, attn.head_dim
+    dropout = attn.attn_drop.p if attn.training else 0.0
     outs = []  # per image; one concatenation (a single image needs no copy)
     for qb, kb, vb, n in zip(q.split(counts), k.split(1), v.split(1), counts):
         if n:
-            ob = _sdpa(attn, qb.view(1, n, heads, hd).transpose(1, 2), kb, vb)
+            ob = _sdpa(attn, qb.view(1, n, heads, hd).transpose(1, 2), kb, vb, dropout)
             outs.append(ob.transpose(1, 2).reshape(n, C))
-    return _linear(attn.proj, outs[0] if len(outs) == 1 else torch.cat(outs))
+    return _dropout(attn.proj_drop, _linear(attn.proj, outs[0] if len(outs) == 1
+                                            else torch.cat(outs)))
+
+
+def _dropout(drop: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``drop(x)`` where it can change ``x`` (sparse training with a
+    dropout rate); no call at inference."""
+    return drop(x) if drop.training and getattr(drop, 'p', 0.0) else x
 
 
 def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -393,7 +405,7 @@ def _mlp_packed_kernel(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor,
     """MLP of packed tokens with the sparse depthwise conv + GELU, written
     into the stage's ``hidden`` buffer."""
     h = sparse_dwconv_gelu(_linear(mlp.fc1, t), nbr, mlp.dwconv, out=hidden)
-    return _linear(mlp.fc2, h)
+    return _dropout(mlp.drop, _linear(mlp.fc2, _dropout(mlp.drop, h)))
 
 
 def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
@@ -409,4 +421,4 @@ def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
     conv = conv2d(mlp.dwconv, mlp.relu(tokens_to_map(buffer.view(B, -1, h.shape[1]), hw)))
     with scope('dit::gather'):
         h = map_to_tokens(conv).reshape(buffer.shape).index_select(0, idx)
-    return _linear(mlp.fc2, mlp.act(h))
+    return _dropout(mlp.drop, _linear(mlp.fc2, _dropout(mlp.drop, mlp.act(h))))

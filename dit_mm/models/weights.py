@@ -266,16 +266,58 @@ def init_pvt_module(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def load_pvt_pretrained(model: torch.nn.Module, checkpoint: str) -> Dict[str, List[str]]:
+def pvt_missing(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> List[str]:
+    """Weights of ``model`` that a converted PVTv2 state dict should cover
+    and does not: everything but the gates (never in PVTv2) and the
+    optional entries (gate temperature, EMA step count, budget dial)."""
+    optional = set(getattr(model, 'optional_state_keys', ())) | {'gate_temperature'}
+    return [k for k in model.state_dict()
+            if k not in state and '_gates.' not in k and k not in optional]
+
+
+def check_pvt_checkpoint(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                         source: str, allow_missing: bool = False) -> None:
+    """A PVTv2 checkpoint must cover the DiT's PVTv2 weights (every node,
+    column edge and norm: the gates excepted).
+
+    Raises:
+        ValueError: naming the arch the checkpoint looks like and the count
+            of missing weights, unless ``allow_missing`` (then a warning).
+    """
+    missing = pvt_missing(model, state)
+    if not missing:
+        return
+    text = (f'{source}: this PVTv2 checkpoint looks like {describe_dit_checkpoint(state)}, but '
+            f"the model is arch {getattr(model, 'arch_name', '?')!r}: {len(missing)} model "
+            f'weights are not in it (e.g. {_short(missing, 3)})')
+    if not allow_missing:
+        raise ValueError(f'{text}. Use a checkpoint of this arch, or set the arch to the '
+                         "checkpoint's; to keep the missing weights at their random init on "
+                         "purpose, pass init_cfg=dict(type='Pretrained', checkpoint=..., "
+                         'allow_missing=True)')
+    print_log(f'{text}; left at their init (allow_missing=True)', logger='current', level=30)
+
+
+def load_pvt_pretrained(model: torch.nn.Module, checkpoint: str,
+                        allow_missing: bool = False) -> Dict[str, List[str]]:
     """Initialises ``model`` (a DiT) from a PVTv2 or DiT checkpoint file/URL.
 
     The gates keep their init (re-initialised so their EMA copies match).
+
+    Args:
+        model: The DiT.
+        checkpoint: File path or URL.
+        allow_missing: Accept a PVTv2 checkpoint that does not cover the
+            model (another arch of the same widths, a truncated file): the
+            weights it lacks keep PVTv2's random init, with a warning.
+            Without it that is an error.
     """
     ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu', logger='current')
     state, layout = convert_pvt_state_dict(ckpt, model)
     if layout == 'dit':
         check_dit_checkpoint(model, state, f'{checkpoint} (dit layout)')
     else:
+        check_pvt_checkpoint(model, state, f'{checkpoint} ({layout} layout)', allow_missing)
         model.apply(init_pvt_module)  # modules the checkpoint does not cover
         for g in list(model.row_gates.values()) + list(model.col_gates.values()):
             g.reset_parameters()
