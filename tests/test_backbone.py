@@ -361,3 +361,58 @@ def test_drop_rates_reach_the_blocks_and_act_in_training(sparse_training):
     for bad in (dict(drop_rate=1.0), dict(attn_drop_rate=-0.1)):
         with pytest.raises(ValueError, match='drop'):
             DiT('b0', **bad)
+
+
+@pytest.mark.parametrize('routing, sparse_training', [
+    ('static', False), ('dynamic', False), ('dynamic', True)])
+def test_with_cp_gives_the_same_values_and_gradients(routing, sparse_training):
+    """Activation checkpointing in the dense, masked and sparse training
+    paths: equal outputs, equal gradients of every parameter (dropout and
+    drop path replay their draws in the recomputation)."""
+    kwargs = dict(routing=routing, sparse_training=sparse_training, drop_path_rate=0.2,
+                  drop_rate=0.1)
+    ref = make_dit('b0', **kwargs)
+    spread_gates(ref)
+    ckp = make_dit('b0', with_cp=True, **kwargs)
+    ckp.load_state_dict(ref.state_dict())
+    assert all(s.with_cp for s in ckp.stages.values())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (ref, ckp):
+        model.train()
+        model.generator = torch.Generator().manual_seed(3)  # same Gumbel draws
+        torch.manual_seed(7)  # same dropout / drop path draws
+        out = model(x.clone().requires_grad_())
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out)
+        if routing == 'dynamic':
+            loss = loss + model.budget_loss(1.0)
+        loss.backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters()
+                       if p.grad is not None}, [o.detach() for o in out]))
+    (g_ref, o_ref), (g_cp, o_cp) = grads
+    for a, b in zip(o_ref, o_cp):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert g_ref.keys() == g_cp.keys() and len(g_ref) > 0
+    if routing == 'dynamic':
+        assert any(n.startswith('row_gates') for n in g_ref)
+    for n in g_ref:
+        assert torch.allclose(g_ref[n], g_cp[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize('sparse_training', [False, True])
+def test_with_cp_keeps_fewer_activations(sparse_training):
+    """Checkpointed blocks keep (far) fewer tensors for the backward."""
+    def saved_bytes(model):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(torch.randn(1, 3, 64, 64))
+        assert out[0].requires_grad
+        return total[0]
+    kwargs = dict(routing='dynamic', sparse_training=sparse_training, drop_path_rate=0.0)
+    plain = make_dit('b0', **kwargs)
+    assert saved_bytes(make_dit('b0', with_cp=True, **kwargs)) < 0.5 * saved_bytes(plain)

@@ -67,12 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate(cfg: Any, model: torch.nn.Module, split: str, label: str) -> dict:
     """One pass over the split: the evaluator's metrics and the mean real
     backbone FLOPs / C_base of the routes taken."""
+    from mmengine.evaluator import Evaluator
     from mmengine.runner import Runner
     from mmengine.utils import ProgressBar
     backbone = find_dit(model)
     key = f'{split}_dataloader'
     loader = Runner.build_dataloader(dict(cfg[key], num_workers=0, persistent_workers=False))
-    evaluator = Runner.build_evaluator(cfg[f'{split}_evaluator'])
+    evaluator = Evaluator(cfg[f'{split}_evaluator'])
     evaluator.dataset_meta = getattr(loader.dataset, 'metainfo', None)
     spent, images = 0.0, 0
     bar = ProgressBar(len(loader.dataset))

@@ -129,6 +129,10 @@ class DiT(BaseModule):
         drop_rate: Dropout after the attention projection and in the MLPs
             (mmdet's ``drop_rate``; timm's ``proj_drop``).
         attn_drop_rate: Dropout of the attention weights.
+        with_cp: Activation checkpointing of every block (mmdet's name and
+            semantics: when the block's input requires grad), in the masked
+            and the sparse training paths: less memory for a recomputed
+            forward in the backward; same values and gradients.
         frozen_stages: mmdet's convention: ``-1`` freezes nothing, ``k``
             freezes the stem and stages ``1..k``, i.e. every grid node,
             column edge and gate of grid columns ``0..k-1``. Frozen parts
@@ -193,6 +197,7 @@ class DiT(BaseModule):
                  drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0,
                  frozen_stages: int = -1,
+                 with_cp: bool = False,
                  gate_init: Optional[dict] = None,
                  gate_momentum: float = 0.999,
                  gate_ema_warmup: bool = True,
@@ -226,6 +231,7 @@ class DiT(BaseModule):
                              f'[-1, {NUM_SCALES}]: -1 freezes nothing, k the stem and stages '
                              '1..k')
         self.frozen_stages = frozen_stages
+        self.with_cp = bool(with_cp)
         if not gate_tau > 0:
             raise ValueError(f'gate_tau must be > 0, got {gate_tau}')
         if not 0.0 < random_keep_prob < 1.0:
@@ -269,7 +275,7 @@ class DiT(BaseModule):
             dp = [rates[offsets[i] + min(k, spec.depths[i] - 1)] for k in range(depth)]
             self.stages[key] = RoutedStage(dims[i], depth, spec.num_heads[i], spec.sr_ratios[i],
                                            spec.mlp_ratios[i], drop_path=dp, drop=drop_rate,
-                                           attn_drop=attn_drop_rate)
+                                           attn_drop=attn_drop_rate, with_cp=with_cp)
             self.row_gates[key] = RowGate(
                 dims[i], inits['diagonal' if i == j else 'off_diagonal'], gate_momentum)
             if i > 0:

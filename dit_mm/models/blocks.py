@@ -37,6 +37,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint as cp
 from timm.models.pvt_v2 import Block
 
 from ..accel import (
@@ -96,11 +97,17 @@ class RoutedStage(nn.Module):
         drop: Dropout rate after the attention projection and in the MLP
             (timm's ``proj_drop``, mmdet's ``drop_rate``).
         attn_drop: Dropout rate of the attention weights.
+        with_cp: Activation checkpointing (mmdet's name and semantics): each
+            block's activations are recomputed in the backward instead of
+            kept, when its input requires grad; in the masked and the sparse
+            training paths. Values and gradients are unchanged (dropout and
+            drop path replay the same random draws).
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, sr_ratio: int,
                  mlp_ratio: float, drop_path: Sequence[float] = (),
-                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0) -> None:
+                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
+                 with_cp: bool = False) -> None:
         super().__init__()
         rates = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList([
@@ -109,6 +116,7 @@ class RoutedStage(nn.Module):
             for k in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.dim = dim
+        self.with_cp = bool(with_cp)
         self.dense_above = DENSE_ABOVE
         self.dense_above_accelerator = DENSE_ABOVE_ACCELERATOR
         #: run the packed path as one C++ call where it applies
@@ -138,7 +146,7 @@ class RoutedStage(nn.Module):
             if out is not None:
                 return out
         for blk in self.blocks:
-            x = _block(blk, x, hw)
+            x = self._maybe_checkpoint(_block, blk, x, hw)
         return self.norm(x)
 
     # ----------------------------------------------------------------- masked
@@ -152,10 +160,23 @@ class RoutedStage(nn.Module):
         hard = mask.detach().to(x.dtype).unsqueeze(-1)
         x0 = x
         h = x
+
+        def held_block(blk: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return torch.lerp(x0, _block(blk, h, hw, hard), hard)  # skipped tokens stay at x0
+
         for blk in self.blocks:
-            h = torch.lerp(x0, _block(blk, h, hw, hard), hard)  # skipped tokens stay at x0
+            h = self._maybe_checkpoint(held_block, blk, h)
         h = self.norm(h)
         return x0 + mask.unsqueeze(-1).to(h.dtype) * (h - x0)
+
+    def _maybe_checkpoint(self, fn, *args):
+        """``fn(*args)``, checkpointed with ``with_cp`` when a tensor
+        argument requires grad (the block's activations are recomputed in
+        the backward)."""
+        if self.with_cp and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return cp.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _forward_held(self, x: torch.Tensor, hw: Tuple[int, int],
                       skipped: torch.Tensor) -> torch.Tensor:
@@ -234,7 +255,8 @@ class RoutedStage(nn.Module):
             kv_fn = partial(_keys_values_folded, hw=hw)
         else:
             normed, kv_fn = None, None
-        for blk in self.blocks:
+        def packed_block(blk: nn.Module, t: torch.Tensor, normed: Optional[torch.Tensor]
+                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
             if normed is not None:
                 t_hat = normalise(t)
                 with scope('dit::scatter'):
@@ -247,7 +269,10 @@ class RoutedStage(nn.Module):
                 q = _linear(blk.attn.q, blk.norm1(t))
                 k, v = _keys_values(blk.attn, blk.norm1(full), hw)
             t = t + _attention_packed(blk.attn, q, k, v, counts)
-            t = t + mlp(blk.mlp, blk.norm2(t))
+            return t + mlp(blk.mlp, blk.norm2(t)), normed
+
+        for blk in self.blocks:
+            t, normed = self._maybe_checkpoint(packed_block, blk, t, normed)
         t = self.norm(t)
         with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
             out = base if torch.is_grad_enabled() else base.clone(
