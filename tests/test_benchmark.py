@@ -103,3 +103,26 @@ def test_ablations_random_keep_prob_spends_mu():
         n.map + n.row_gate + p * n.token * n.tokens for n in cost.nodes.values()))
     assert spent / cost.static == pytest.approx(0.95, abs=1e-3)
     assert random_keep_prob(0.5) < p < random_keep_prob(1.5)
+
+
+def test_bench_train_reports_times_memory_flops_and_nodes(tmp_path):
+    out = tmp_path / 'train.json'
+    subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_train.py'), '--inputs',
+                    '64x64x1', '--rounds', '1', '--threads', '1', '--arch', 'b0',
+                    '--variants', 'static', 'masked', 'sparse_mu086', '--out', str(out)],
+                   check=True, cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = json.loads(out.read_text())
+    (run,) = res['times']
+    rows = run['variants']
+    assert list(rows) == ['static', 'masked', 'sparse_mu086']
+    assert all(r['step_s'] > 0 for r in rows.values())
+    assert rows['static']['flops_computed'] == 1.0
+    assert rows['masked']['flops_computed'] > 2.0  # the masked step runs the whole grid
+    # the budget gates spend about mu, and the sparse step computes what it routes
+    assert rows['sparse_mu086']['flops_routes'] == rows['sparse_mu086']['flops_computed']
+    assert abs(rows['sparse_mu086']['flops_routes'] - res['mu']) < 0.1
+    assert set(res['memory']['64x64x1']) == set(rows)
+    nodes = res['nodes']['64x64x1']
+    assert len(nodes) == 10
+    assert sum(n['flops_share'] for n in nodes) == pytest.approx(1.0)
+    assert sum(n['time_share'] for n in nodes) == pytest.approx(1.0)

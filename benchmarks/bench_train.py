@@ -1,0 +1,292 @@
+"""Training-step cost of DiT-b2 (``--arch``): time and peak memory per variant, and where
+the time of a masked step goes, node by node.
+
+    python benchmarks/bench_train.py [--inputs 512x512x2 800x1344x1] [--rounds 3]
+                                     [--variants ...] [--no-memory] [--no-nodes]
+                                     [--out benchmarks/train_results.json]
+
+One step = forward and backward of the backbone alone at random init, with a
+squared-sum loss on its outputs plus, for the gated variants, the budget term
+``2 (C_expected / C_base - mu)^2`` (no optimizer step: what differs between
+the variants is the backbone). Variants:
+
+* ``pvtv2_mmdet``: mmdet's ``PyramidVisionTransformerV2``-b2 (same weights);
+* ``static``: DiT-b2 ``routing='static'`` (PVTv2's path);
+* ``full``: ``routing='full'``, no gates, every node and token;
+* ``masked``: ``routing='dynamic'``, the default training path (the whole grid,
+  skipped tokens held), gates at their init;
+* ``masked_cp``: the same with ``with_cp=True``;
+* ``sparse_init``: ``sparse_training=True``, gates at their init;
+* ``sparse_mu086`` / ``sparse_mu086_cp``: ``sparse_training=True`` with gates set to
+  spend mu = 0.86 (the paper's Mask R-CNN budget; diagonal open, the rest at
+  the keep probability that fills the budget), without / with ``with_cp``.
+
+Step times are medians of ``--rounds`` interleaved rounds after one warm-up
+round, in one process. Peak memory is the growth of the RSS during one step
+over the RSS before it, each variant in its own process (after a warm-up
+step). Next to each time: the FLOPs the step's forward computes and the
+FLOPs of the routes it takes, as multiples of ``C_base``. The node table
+times one masked training step of every grid node alone (forward and
+backward on an input of the node's shape) against its share of the full
+grid's FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+try:
+    from bench_backbone import _rss_mib, build_pair, interleaved
+except ImportError:  # imported as benchmarks.bench_train
+    from .bench_backbone import _rss_mib, build_pair, interleaved
+
+VARIANTS = ('pvtv2_mmdet', 'static', 'full', 'masked', 'masked_cp', 'sparse_init',
+            'sparse_mu086', 'sparse_mu086_cp')
+MU = 0.86
+#: the arch benchmarked (``--arch``; the tests use b0)
+ARCH = 'b2'
+
+
+def set_budget_gates(dit, mu: float, size: Tuple[int, int]) -> None:
+    """Gate biases with which the untrained DiT spends about ``mu x C_base``
+    at ``size`` (a stand-in for a trained model, which we do not have at this
+    size). ``mu >= 1``: diagonal nodes keep every token, the extra nodes and
+    column edges keep the probability that fills what is left. ``mu < 1``:
+    the extra nodes and column edges are closed (keep logit -10), and the
+    diagonal nodes keep the fraction of their tokens that spends ``mu``."""
+    cost = dit.grid_cost(size)
+    diag = [n for n in cost.nodes if n[0] == n[1]]
+    token_part = sum(cost.nodes[n].token * cost.nodes[n].tokens for n in diag)
+    gates = sum(cost.nodes[n].row_gate for n in cost.nodes) + sum(cost.col_gates.values())
+
+    def logit(p: float) -> float:
+        return float(torch.logit(torch.tensor(min(max(p, 1e-4), 1 - 1e-4))))
+    if mu >= 1.0:
+        extra = cost.full - cost.static
+        p_extra = min(1.0, max(0.0, (mu - 1.0) * cost.static - gates) / extra) if extra else 0.0
+        on_diag, off_diag = 10.0, logit(p_extra)
+    else:
+        p_diag = (mu * cost.static - gates - (cost.static - token_part)) / token_part
+        on_diag, off_diag = logit(p_diag), -10.0
+    with torch.no_grad():
+        for key, g in list(dit.row_gates.items()) + list(dit.col_gates.items()):
+            i, j = key.split('_')
+            g.proj.weight.zero_()
+            g.proj.bias.copy_(torch.tensor([0.0, on_diag if i[1:] == j[1:] and
+                                            key in dit.row_gates else off_diag]))
+            g.reset_ema()
+
+
+def build_variant(name: str, size: Tuple[int, int]):
+    """``(model, gated)`` for a variant name, in training mode."""
+    pvt, dit = build_pair(ARCH)
+    if name == 'pvtv2_mmdet':
+        return pvt.train(), False
+    routing = {'static': 'static', 'full': 'full'}.get(name, 'dynamic')
+    dit.routing = routing
+    if name.startswith('sparse'):
+        dit.sparse_training = True
+    if name.startswith('sparse_mu'):
+        set_budget_gates(dit, MU, size)
+    if name.endswith('_cp'):
+        for stage in dit.stages.values():
+            stage.with_cp = True
+        dit.with_cp = True
+    return dit.train(), routing == 'dynamic'
+
+
+def step_fn(model, gated: bool, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        loss = sum(o.float().square().mean() for o in model(x))
+        if gated:
+            loss = loss + 2.0 * model.budget_loss(MU)
+        loss.backward()
+    return step
+
+
+def routed_flops(model, gated: bool, x: torch.Tensor) -> Dict[str, float]:
+    """FLOPs of the routes taken (x C_base) and FLOPs the step computes."""
+    if not hasattr(model, 'grid_cost'):
+        return dict(routes=1.0, computed=1.0)
+    cost = model.grid_cost(tuple(x.shape[2:]))
+    with torch.no_grad():
+        model(x)
+    real = model.flops()['real'] * 1e9 / cost.static
+    if model.routing == 'static':
+        return dict(routes=1.0, computed=1.0)
+    if model.routing == 'full' or not model.sparse_training:
+        return dict(routes=real, computed=cost.full / cost.static)  # the whole grid runs
+    return dict(routes=real, computed=real)
+
+
+def bench_times(shape: Tuple[int, int, int], variants: Sequence[str], rounds: int) -> dict:
+    h, w, b = shape
+    x = torch.randn(b, 3, h, w)
+    models = {n: build_variant(n, (h, w)) for n in variants}
+    steps = {n: step_fn(m, g, x) for n, (m, g) in models.items()}
+    samples: Dict[str, List[float]] = {}
+    times = interleaved(steps, rounds, warmup=1, spread=samples)
+    flops = {n: routed_flops(m, g, x) for n, (m, g) in models.items()}
+    base = times.get('static')
+    rows = {}
+    for n in variants:
+        rows[n] = dict(step_s=times[n], samples_s=samples[n], **{f'flops_{k}': v for k, v in
+                                                                 flops[n].items()})
+        if base:
+            rows[n]['over_static'] = times[n] / base
+    print(f'  {h}x{w} batch {b}: ' + ', '.join(f'{n} {t:.2f} s' for n, t in times.items()),
+          flush=True)
+    return dict(input=[h, w], batch=b, rounds=rounds, variants=rows)
+
+
+def _memory_child(name: str, shape: Tuple[int, int, int], threads: int, arch: str,
+                  queue) -> None:
+    global ARCH
+    ARCH = arch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    h, w, b = shape
+    model, gated = build_variant(name, (h, w))
+    x = torch.randn(b, 3, h, w)
+    step = step_fn(model, gated, x)
+    step()  # warm-up: allocator caches, oneDNN primitives, .grad tensors
+    base = _rss_mib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.001)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    step()
+    done.set()
+    thread.join()
+    queue.put((peak[0] - base) / 1024)
+
+
+def bench_memory(shape: Tuple[int, int, int], variants: Sequence[str], threads: int
+                 ) -> Dict[str, float]:
+    """Peak RSS growth (GiB) of one step, each variant in a fresh process."""
+    ctx = mp.get_context('spawn')
+    out = {}
+    for name in variants:
+        q = ctx.Queue()
+        p = ctx.Process(target=_memory_child, args=(name, shape, threads, ARCH, q))
+        p.start()
+        out[name] = q.get()
+        p.join()
+        print(f'    memory {name}: {out[name]:.2f} GiB', flush=True)
+    return out
+
+
+def bench_nodes(shape: Tuple[int, int, int], rounds: int) -> List[dict]:
+    """Each grid node's masked training step alone, against its FLOPs share."""
+    from dit_mm.models.grid import feature_sizes, node_key
+    h, w, b = shape
+    _, dit = build_pair(ARCH)
+    dit.train()
+    cost = dit.grid_cost((h, w))
+    sizes = feature_sizes(h, w)
+    steps, flops = {}, {}
+    for (i, j) in dit.spec.nodes:
+        key = node_key(i, j)
+        stage = dit.stages[key]
+        hw = sizes[i]
+        x = torch.randn(b, hw[0] * hw[1], dit.spec.embed_dims[i], requires_grad=True)
+        mask = torch.ones(b, hw[0] * hw[1], requires_grad=True)
+
+        def step(stage=stage, x=x, hw=hw, mask=mask) -> None:
+            stage.zero_grad(set_to_none=True)
+            stage.forward_masked(x, hw, mask).square().mean().backward()
+        steps[key] = step
+        nc = cost.nodes[(i, j)]
+        flops[key] = nc.map + nc.token * nc.tokens
+    times = interleaved(steps, rounds, warmup=1)
+    t_all, f_all = sum(times.values()), sum(flops.values())
+    rows = []
+    for key in steps:
+        rows.append(dict(node=key, step_s=times[key], time_share=times[key] / t_all,
+                         flops_share=flops[key] / f_all,
+                         gflop_per_s=flops[key] * 3 / 1e9 / times[key]))
+    return rows
+
+
+def print_tables(res: dict) -> None:
+    for run in res['times']:
+        h, w = run['input']
+        mem = res.get('memory', {}).get(f'{h}x{w}x{run["batch"]}', {})
+        print(f'\n### {h}x{w}, batch {run["batch"]} (medians of {run["rounds"]} rounds)')
+        print('| variant | step (s) | / static | FLOPs computed / C_base | routes / C_base '
+              '| peak RSS growth (GiB) |')
+        print('|---|---|---|---|---|---|')
+        for n, r in run['variants'].items():
+            m = f'{mem[n]:.2f}' if n in mem else ''
+            print(f"| {n} | {r['step_s']:.2f} | {r.get('over_static', float('nan')):.2f} | "
+                  f"{r['flops_computed']:.2f} | {r['flops_routes']:.2f} | {m} |")
+    for key, rows in res.get('nodes', {}).items():
+        print(f'\n### Masked training step per node, {key} (forward + backward, alone)')
+        print('| node | step (ms) | time share | FLOPs share | time / FLOPs share | GFLOP/s |')
+        print('|---|---|---|---|---|---|')
+        for r in rows:
+            print(f"| {r['node']} | {r['step_s'] * 1e3:.0f} | {r['time_share']:.3f} | "
+                  f"{r['flops_share']:.3f} | {r['time_share'] / r['flops_share']:.2f} | "
+                  f"{r['gflop_per_s']:.1f} |")
+
+
+def _shape(text: str) -> Tuple[int, int, int]:
+    try:
+        h, w, b = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'--inputs takes HxWxBATCH, got {text!r}') from None
+    if min(h, w) < 32 or b < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: H, W >= 32 and BATCH >= 1')
+    return h, w, b
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--inputs', type=_shape, nargs='+',
+                        default=[(512, 512, 2), (800, 1344, 1)])
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    parser.add_argument('--arch', default='b2', help="DiT / PVTv2 arch (default 'b2')")
+    parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--no-nodes', action='store_true')
+    parser.add_argument('--out', default='benchmarks/train_results.json')
+    args = parser.parse_args(argv)
+    global ARCH
+    ARCH = args.arch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    res: dict = dict(arch=ARCH, machine=dict(platform=platform.platform(), threads=args.threads,
+                                  torch=torch.__version__), mu=MU, times=[], memory={},
+                     nodes={})
+    for k, shape in enumerate(args.inputs):
+        print(f'[{k + 1}/{len(args.inputs)}] {shape[0]}x{shape[1]} batch {shape[2]}: step times',
+              flush=True)
+        res['times'].append(bench_times(shape, args.variants, args.rounds))
+        if not args.no_memory:
+            res['memory']['x'.join(map(str, shape))] = bench_memory(shape, args.variants,
+                                                                    args.threads)
+        if not args.no_nodes:
+            res['nodes']['x'.join(map(str, shape))] = bench_nodes(shape, args.rounds)
+        with open(args.out, 'w') as f:  # after every input: a long run keeps what it measured
+            json.dump(res, f, indent=2)
+    print_tables(res)
+    print(f'\nwritten: {args.out}')
+    return res
+
+
+if __name__ == '__main__':
+    main()
