@@ -2,7 +2,8 @@
 
 Importing the package registers ``DiT`` in mmengine's root ``MODELS`` registry
 (found from the mmdet and mmseg scopes), ``BudgetLossHook`` in the root
-``HOOKS`` registry and ``CPUAmpOptimWrapper`` in ``OPTIM_WRAPPERS``, and lets
+``HOOKS`` registry, ``CPUAmpOptimWrapper`` in ``OPTIM_WRAPPERS`` and
+``DetMaskTTAModel`` (test-time augmentation with masks) in ``MODELS``, and lets
 ``torch.load`` read mmengine checkpoints (resume). Use it from a config with
 ``custom_imports = dict(imports=['dit_mm'], allow_failed_imports=False)``.
 

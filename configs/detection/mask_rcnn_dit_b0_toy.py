@@ -71,6 +71,22 @@ val_dataloader = dict(
         data_prefix=dict(img='val/'),
         pipeline=test_pipeline))
 test_dataloader = val_dataloader
+# Test-time augmentation (tools/test.py --tta): mmdet's stock flip TTA.
+# mmdet's DetTTAModel refuses masks; DetMaskTTAModel (dit_mm) merges the
+# boxes the same way (flipped back, NMS over both views) and keeps the masks.
+tta_model = dict(type='DetMaskTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=50))
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='TestTimeAug',
+         transforms=[
+             [dict(type='Resize', scale=img_scale, keep_ratio=True)],
+             [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+             [dict(type='LoadAnnotations', with_bbox=True, with_mask=True)],
+             [dict(type='PackDetInputs',
+                   meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                              'scale_factor', 'flip', 'flip_direction'))]]),
+]
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json',
                      metric=['bbox', 'segm'])
 test_evaluator = val_evaluator

@@ -29,19 +29,19 @@ from typing import Any, Dict
 import torch
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
+from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..models.backbone import DiT
 
 
 def find_dit(model: torch.nn.Module) -> DiT:
-    """The DiT backbone of a (possibly DDP-wrapped) detector/segmentor.
+    """The DiT backbone of a (possibly DDP- or TTA-wrapped) detector/segmentor.
 
     Raises:
         TypeError: if the model has no DiT backbone.
     """
-    if is_model_wrapper(model):
+    while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
         model = model.module
     backbone = getattr(model, 'backbone', None)
     if isinstance(model, DiT):

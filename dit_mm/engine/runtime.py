@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
-from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
+from mmengine.model import MMDistributedDataParallel, is_model_wrapper, revert_sync_batchnorm
 from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, OPTIM_WRAPPERS
 
@@ -52,24 +52,117 @@ def _load_local_checkpoint(filename: str, map_location=None):
         return torch.load(filename, map_location=map_location)
 
 
+#: Where :class:`CPUAmpOptimWrapper` autocasts (its ``scope`` argument).
+AUTOCAST_SCOPES = ('features', 'model')
+
+
 @OPTIM_WRAPPERS.register_module()
 class CPUAmpOptimWrapper(OptimWrapper):
-    """Mixed precision on the CPU: ``torch.autocast('cpu', bfloat16)`` around
-    the forward (mmengine's ``AmpOptimWrapper`` needs CUDA). bf16 has fp32's
-    range, so no loss scaling is needed.
+    """Mixed precision on the CPU: ``torch.autocast('cpu', bfloat16)`` in the
+    training forward (mmengine's ``AmpOptimWrapper`` needs CUDA). bf16 has
+    fp32's range, so no loss scaling is needed.
+
+    **Where it autocasts.** With ``scope='features'`` (the default) only the
+    model's ``backbone`` and ``neck`` run under autocast; what leaves each of
+    them is cast back to float32, and the heads, their box maths and losses
+    run in float32. Autocasting the whole forward (``scope='model'``, what
+    this wrapper did before) breaks two-stage detectors: mmcv's CPU ``nms``
+    (the RPN's ``batched_nms``) and ``RoIAlign`` have no bf16 kernels
+    ("expected scalar type Float but found BFloat16" in Mask R-CNN and
+    Cascade Mask R-CNN, "ROIAlign_forward not implemented for 'BFloat16'" in
+    Sparse R-CNN). Casting to float32 around each mmcv op instead would
+    leave the heads' box maths in bf16, whose 8-bit mantissa resolves a
+    coordinate near 1000 px only to 4 px, and the next head with an op
+    without a bf16 kernel would fail again. The backbone and the neck are
+    convolutions, GEMMs and attention, where bf16 pays; the heads run as
+    they do without ``--amp``. Tested with every detector family that has
+    configs here (Mask R-CNN, RetinaNet, Cascade Mask R-CNN, ATSS, GFL,
+    Sparse R-CNN), Semantic FPN and the toy classifier. A model without a
+    ``backbone`` is autocast as a whole. DiT's gates, gate probabilities
+    and budget term stay float32 inside the autocast region.
+
+    ``scope='model'`` autocasts the whole forward, heads included: for
+    models whose heads have bf16 CPU kernels throughout (Semantic FPN, the
+    classifiers and the one-stage detectors here train that way); it fails
+    for the two-stage detectors above.
 
     Args:
         dtype: Autocast dtype, ``'bfloat16'`` (default) or ``'float16'``.
+        scope: ``'features'`` (default: backbone and neck) or ``'model'``
+            (the whole forward).
+        *args, **kwargs: Passed to mmengine's ``OptimWrapper``.
+
+    Raises:
+        ValueError: for another ``dtype`` or ``scope``.
     """
 
-    def __init__(self, *args, dtype: str = 'bfloat16', **kwargs) -> None:
+    def __init__(self, *args, dtype: str = 'bfloat16', scope: str = 'features',
+                 **kwargs) -> None:
+        if dtype not in ('bfloat16', 'float16'):
+            raise ValueError(f"CPUAmpOptimWrapper: dtype={dtype!r}; use 'bfloat16' (or "
+                             "'float16')")
+        if scope not in AUTOCAST_SCOPES:
+            raise ValueError(f'CPUAmpOptimWrapper: scope={scope!r}; use one of '
+                             f'{AUTOCAST_SCOPES} (see its docstring)')
         super().__init__(*args, **kwargs)
         self.cast_dtype = getattr(torch, dtype)
+        self.scope = scope
 
     @contextmanager
     def optim_context(self, model: torch.nn.Module) -> Iterator[None]:
-        with super().optim_context(model), torch.autocast('cpu', dtype=self.cast_dtype):
-            yield
+        """mmengine's context (gradient accumulation), with autocast in the
+        modules that :attr:`scope` names, for the forward run inside it."""
+        inner = model.module if is_model_wrapper(model) else model
+        parts = [getattr(inner, name, None) for name in ('backbone', 'neck')]
+        parts = [m for m in parts if isinstance(m, torch.nn.Module)]
+        with super().optim_context(model):
+            if self.scope == 'model' or getattr(inner, 'backbone', None) is None:
+                with torch.autocast('cpu', dtype=self.cast_dtype):
+                    yield
+                return
+            handles = []
+            try:
+                for module in parts:
+                    region = _AutocastRegion(self.cast_dtype)
+                    handles.append(module.register_forward_pre_hook(region.enter))
+                    handles.append(module.register_forward_hook(region.exit, always_call=True))
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+
+class _AutocastRegion:
+    """CPU autocast from a module's forward pre-hook to its forward hook
+    (registered with ``always_call=True``, so it also ends when the forward
+    raises); the module's floating outputs leave it as float32."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.active: list = []  # one context per call in flight (re-entrant)
+
+    def enter(self, module: torch.nn.Module, args: tuple) -> None:
+        ctx = torch.autocast('cpu', dtype=self.dtype)
+        ctx.__enter__()
+        self.active.append(ctx)
+
+    def exit(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        if self.active:  # empty only if an earlier pre-hook raised before enter()
+            self.active.pop().__exit__(None, None, None)
+        return _to_float32(output)
+
+
+def _to_float32(obj: Any) -> Any:
+    """``obj`` with its half-precision tensors (also inside tuples, lists and
+    dicts) cast to float32; anything else is returned as it is."""
+    if torch.is_tensor(obj):
+        return obj.float() if obj.dtype in (torch.bfloat16, torch.float16) else obj
+    if isinstance(obj, (tuple, list)):
+        items = [_to_float32(o) for o in obj]
+        return type(obj)(*items) if hasattr(obj, '_fields') else type(obj)(items)
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_float32(v)) for k, v in obj.items())
+    return obj
 
 
 @MODEL_WRAPPERS.register_module()
