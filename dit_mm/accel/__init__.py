@@ -25,6 +25,13 @@ operation                               reference
 ``forget_prepared``, ``forget_stage``   always run (they only drop caches)
 ======================================  ====================================
 
+**Tracers and exporters see the reference.** While ``torch.jit.trace``
+(also the TorchScript-based ``torch.onnx.export``) or ``torch.export``
+records (:func:`recording`), every operation takes its reference, as with
+acceleration off: a graph holds plain ATen ops, never an executor's
+reordered weights or C++ calls, and no weight is prepared from a traced or
+fake tensor.
+
 ``fold_conv``, ``fold_linear``, ``fusable`` and ``exact_gelu``
 (:mod:`.folding`) are re-exported as they are.
 
@@ -76,7 +83,7 @@ EXECUTOR_API = ('DTYPES', 'linear', 'linear_module', 'conv2d', 'write_rows', 'ke
 
 _enabled = os.environ.get('DIT_MM_ACCEL', '1') != '0'
 
-__all__ = ['EXECUTORS', 'EXECUTOR_API', 'enabled', 'set_enabled', 'executor',
+__all__ = ['EXECUTORS', 'EXECUTOR_API', 'enabled', 'set_enabled', 'recording', 'executor',
            'linear', 'linear_module', 'conv2d', 'write_rows', 'kernel_applies',
            'neighbour_table', 'sparse_dwconv_gelu', 'native_applies', 'packed_forward',
            'forget_stage', 'prepared', 'forget_prepared', 'foldable', 'fold_conv',
@@ -87,6 +94,18 @@ __all__ = ['EXECUTORS', 'EXECUTOR_API', 'enabled', 'set_enabled', 'executor',
 def enabled() -> bool:
     """Whether the executors run (``False``: the reference everywhere)."""
     return _enabled
+
+
+def recording() -> bool:
+    """Whether a tracer (``torch.jit.trace``) or exporter (``torch.export``,
+    which ``torch.onnx.export(..., dynamo=True)`` runs) records the ops now:
+    then the seam runs the reference only."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def _dispatching() -> bool:
+    """Whether executors may run now: enabled, and no tracer or exporter."""
+    return _enabled and not recording()
 
 
 class set_enabled:
@@ -114,7 +133,7 @@ class set_enabled:
 def executor(t: torch.Tensor):
     """The executor that takes ``t`` (by device type and dtype), or ``None``
     for the reference."""
-    if not _enabled:
+    if not _dispatching():
         return None
     # is_cpu first: Tensor.device builds a torch.device object on every call
     ex = EXECUTORS.get('cpu' if t.is_cpu else t.device.type)
@@ -170,7 +189,7 @@ def kernel_applies(h: torch.Tensor) -> bool:
 def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int]) -> torch.Tensor:
     """Packed rows of the 3x3 neighbours of the kept tokens
     (:func:`dit_mm.accel.reference.neighbour_table`)."""
-    ex = EXECUTORS.get(idx.device.type) if _enabled else None
+    ex = EXECUTORS.get(idx.device.type) if _dispatching() else None
     if ex is None:
         return reference.neighbour_table(idx, batch, hw)
     return ex.neighbour_table(idx, batch, hw)
@@ -210,8 +229,8 @@ def forget_stage(stage: nn.Module) -> None:
 # ---------------------------------------------------- prepared weights
 def prepared(owner: nn.Module, key: str, fn, *params: Optional[torch.Tensor]):
     """``fn(*params)``, cached per weight version (:mod:`.cache`) while
-    acceleration is on."""
-    if not _enabled:
+    acceleration is on and nothing is recorded (:func:`recording`)."""
+    if not _dispatching():
         return fn(*params)
     return _prepared(owner, key, fn, *params)
 
@@ -224,6 +243,6 @@ def forget_prepared(module: nn.Module) -> None:
 def foldable(blk: nn.Module, eps: float) -> bool:
     """Whether the packed forward folds ``blk.norm1``'s affine part into the
     weights that read it (:func:`dit_mm.accel.folding.foldable`); never with
-    acceleration off."""
-    return _enabled and _foldable(blk, eps)
+    acceleration off or under a tracer or exporter."""
+    return _dispatching() and _foldable(blk, eps)
 

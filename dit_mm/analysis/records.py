@@ -103,8 +103,12 @@ def analyse_batch(model: nn.Module, batch: Batch, *, whole_model: bool = True,
             cache[size] = count_flops(backbone, (inputs[:1],)) / 1e9
     extra: dict[str, dict[str, float]] = {'backbone_counted': {'static': cache[size]},
                                           'neck_heads': {}}
-    if count_backbone:
-        extra['backbone_counted']['real'] = count_flops(backbone, (inputs,)) / 1e9 / B
+    if count_backbone:  # the packed path as executed, not the masked dense form of a trace
+        backbone.trace_packed = True
+        try:
+            extra['backbone_counted']['real'] = count_flops(backbone, (inputs,)) / 1e9 / B
+        finally:
+            backbone.trace_packed = False
     if whole_model:
         extra['neck_heads']['routed'] = count_neck_heads(model, inputs, samples, feats) / 1e9 / B
         with routing_mode(backbone, 'static'):

@@ -180,6 +180,11 @@ class DiT(BaseModule):
     """
 
     min_size = 32
+    #: under ``torch.jit.trace``, run the packed path anyway instead of the
+    #: masked dense form (:meth:`_exporting`): for FLOP counters that trace
+    #: (``count_backbone`` in :mod:`dit_mm.analysis.records`); such a trace
+    #: is no deployable graph (its shapes are the traced input's decisions)
+    trace_packed = False
     #: state-dict entries newer than the first checkpoints: a checkpoint
     #: without them loads (EMA ramp restarted, offset 0, no spend curve)
     optional_state_keys = ('gate_ema_steps', 'dial.offset', 'dial.curve')
@@ -289,6 +294,7 @@ class DiT(BaseModule):
                 mod.eps = embed_norm_eps
         self.last_record: Optional[RoutingRecord] = None
         self._offset_now: Optional[float] = None
+        self._recording = False  # this forward is traced or exported (_exporting)
         self._freeze_stages()
 
     # ------------------------------------------------------------ properties
@@ -448,10 +454,14 @@ class DiT(BaseModule):
             NCHW feature maps at the scales in ``out_indices``.
         """
         self._check_input(x)
-        if self.training and torch.is_grad_enabled():
+        self._recording = self._exporting()
+        if self.training and torch.is_grad_enabled() and not self._recording:
             self.update_gate_ema()
-        offset = self.gate_offset()
-        self._offset_now = None if offset == 0.0 else offset
+        if self._recording:  # a graph input/buffer, not a float read off a (fake) tensor
+            self._offset_now = self._traced_offset()
+        else:
+            offset = self.gate_offset()
+            self._offset_now = None if offset == 0.0 else offset
         B, _, H, W = x.shape
         sizes = feature_sizes(H, W)
         rec = RoutingRecord(size=(H, W), batch=B, device=x.device)
@@ -464,9 +474,47 @@ class DiT(BaseModule):
                 maps[i] = self._column_edge(i, j, maps, sizes, rec)
             for i in range(j + 1):
                 maps[i] = self._row_edge(i, j, maps[i], sizes[i], rec)
-        self.last_record = rec
+        if self._recording:  # keep no traced or fake tensor: flops() needs an eager forward
+            self.last_record, self._offset_now, self._recording = None, None, False
+        else:
+            self.last_record = rec
         return tuple(maps[i].transpose(1, 2).reshape(B, -1, *sizes[i]).contiguous()
                      for i in self.out_indices)
+
+    def _exporting(self) -> bool:
+        """Whether a tracer or exporter records this forward
+        (``torch.jit.trace``, ``torch.export``, ``torch.onnx.export``).
+
+        Then DiT computes the *masked dense form*: the same gate decisions
+        and values as the eager forward, with every token and column edge
+        computed and the decisions applied as 0/1 masks (no data-dependent
+        shapes, no savings); the executors of :mod:`dit_mm.accel` stay off
+        (:func:`dit_mm.accel.recording`). :attr:`trace_packed` keeps the
+        packed path under ``torch.jit.trace``.
+        """
+        tracing = torch.jit.is_tracing() and not self.trace_packed
+        return tracing or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+    def _traced_offset(self) -> Union[float, torch.Tensor]:
+        """The gate offset of a recorded forward: the dial's buffer (it stays
+        a tensor in the graph), or a budget's offset as a constant."""
+        if self._budget is None:
+            return self.dial.offset
+        if self._budget_offset is None and torch.compiler.is_exporting():
+            raise RuntimeError(
+                f'DiT: budget={self._budget} is read off the spend curve, which torch.export '
+                'cannot read; set model.backbone.budget after loading the checkpoint (or run '
+                'one eager forward) before exporting')
+        return self.gate_offset()
+
+    def __prepare_scriptable__(self) -> DiT:
+        """``torch.jit.script`` is not supported: fails with a clear message."""
+        raise RuntimeError(
+            'DiT cannot be compiled with torch.jit.script: its forward routes tokens with '
+            'Python control flow and containers (RoutingRecord, keyword-configured gates) '
+            'that TorchScript does not compile. Use torch.jit.trace, torch.export or '
+            'torch.onnx.export instead: under a tracer or exporter DiT computes the masked '
+            'dense form of its routing (README, "Deployment")')
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -504,12 +552,12 @@ class DiT(BaseModule):
             rec.embeds[(i, j)] = (ones, ones)
             return dst + self._embed(key, src, sizes[i - 1])
         with scope('dit::gate'):
-            out = self.col_gates[key](src, self.gate_tau, self._noise_generator(src),
+            out = self.col_gates[key](src, self._tau(), self._noise_generator(src),
                                       self._offset_now)
         rec.col_gates.append((i, j))
         rec.embeds[(i, j)] = (out.prob, out.mask.detach())
         gate = out.mask.to(dst.dtype).view(B, 1, 1)  # exact 0/1, straight-through grad
-        if self.training and not self.sparse_training:
+        if (self.training and not self.sparse_training) or self._recording:
             return dst + gate * self._embed(key, src, sizes[i - 1])
         sel = out.mask.detach().nonzero().squeeze(1)  # only the images whose edge is open
         if sel.numel() == 0:
@@ -541,6 +589,8 @@ class DiT(BaseModule):
         rec.add_gated_row((i, j), out.prob, keep)
         kept = keep.detach() > 0.5
         rec.masks[(i, j)] = kept.view(B, *hw)
+        if self._recording:  # the same decisions, dense compute (see _exporting)
+            return stage.forward_masked(x, hw, keep)
         if self.training:
             if self.sparse_training:
                 y = stage.forward_sparse(x, hw, kept)
@@ -550,10 +600,14 @@ class DiT(BaseModule):
 
     def _row_gate(self, i: int, j: int, x: torch.Tensor) -> GateOutput:
         if self.gate_type == 'learned':
-            return self.row_gates[node_key(i, j)](x, self.gate_tau, self._noise_generator(x),
+            return self.row_gates[node_key(i, j)](x, self._tau(), self._noise_generator(x),
                                                   self._offset_now)
         if self.gate_type == 'attention':
             delta = attention_delta(x.detach())
+        elif self._recording:
+            raise RuntimeError("DiT: gate='random' draws its eval decisions from a seeded "
+                               'generator, which a trace or export cannot record; export a '
+                               "model with gate='learned' or 'attention'")
         else:
             gen = self._noise_generator(x) if self.training else _fixed_generator(x, i, j)
             delta = random_delta(x.shape[:2], x.device, self.random_keep_prob, gen)
@@ -562,11 +616,21 @@ class DiT(BaseModule):
             else torch.sigmoid(delta)
         return GateOutput(hard, prob, delta)
 
+    def _tau(self) -> Union[float, torch.Tensor]:
+        """The gate temperature: the buffer itself in a recorded forward."""
+        return self.gate_temperature if self._recording else self.gate_tau
+
     def _top_k(self, out: GateOutput, n: int) -> torch.Tensor:
         """Keeps the ``ceil(r * n)`` best-scored tokens of each image; carries
         the straight-through gradient of ``out.mask`` in training."""
-        B = out.score.shape[0]
         ratios = self.keep_ratio
+        if self._recording and isinstance(ratios, float):  # one batched top-k: an
+            # exported graph keeps its batch size free
+            k = _top_k_count(ratios, n)
+            hard = torch.zeros_like(out.score).scatter_(
+                1, out.score.detach().topk(k, dim=1, sorted=False).indices, 1.0)
+            return straight_through(hard, out.mask)
+        B = out.score.shape[0]
         if isinstance(ratios, float):
             ratios = [ratios] * B
         if len(ratios) != B:
@@ -575,7 +639,7 @@ class DiT(BaseModule):
         hard = torch.zeros_like(score)
         for b, r in enumerate(ratios):  # an unsorted top-k per image: a batched
             # argsort of (4, 3136) scores took 0.55 ms, four top-k 0.03 ms
-            k = min(n, max(1, math.ceil(r * n)))
+            k = _top_k_count(r, n)
             hard[b].index_fill_(0, score[b].topk(k, sorted=False).indices, 1.0)
         return straight_through(hard, out.mask)
 
@@ -673,6 +737,16 @@ def check_budget(mu: float, max_mu: float, size: Optional[Tuple[int, int]] = Non
         raise ValueError(f'budget mu={mu!r} must be in (0, {max_mu:.3f}]: it is a fraction of '
                          "PVTv2's static cost C_base, and the full grid costs "
                          f'{max_mu:.3f} x C_base{at}')
+
+
+def _top_k_count(r: float, n: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+    """``ceil(r * n)`` tokens, at least 1 and at most ``n``. The token count
+    ``n`` is a traced 0-d tensor under ``torch.jit.trace``: then so is the
+    result, computed in float64 as Python rounds it, so that a traced graph
+    follows the input size (a symbolic int under ``torch.export``)."""
+    if isinstance(n, torch.Tensor):  # r in (0, 1]: the ceiling is in [1, n]
+        return torch.ceil(n.to(torch.float64) * r).long()
+    return torch.sym_min(n, torch.sym_max(1, math.ceil(r * n)))
 
 
 def _fixed_generator(ref: torch.Tensor, i: int, j: int) -> torch.Generator:
