@@ -342,8 +342,29 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
 
 
-def _peak_child(spec: dict, queue) -> None:
+def peak_rss_growth_mib(fn: Callable[[], object], interval: float = 0.0005) -> float:
+    """Peak RSS growth (MiB) while ``fn()`` runs over the RSS just before it,
+    sampled every ``interval`` seconds by a thread."""
     import threading
+    base = _rss_mib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(interval)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return peak[0] - base
+
+
+def _peak_child(spec: dict, queue) -> None:
     torch.set_num_threads(spec['threads'])
     pvt, dit = build_pair('b2')
     model = pvt if spec['model'] == 'pvt' else dit
@@ -353,21 +374,7 @@ def _peak_child(spec: dict, queue) -> None:
     x = torch.randn(spec['batch'], 3, spec['size'], spec['size'])
     with torch.no_grad():
         model(x)  # warm-up: allocator caches, oneDNN primitives
-    base = _rss_mib()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            time.sleep(0.0005)
-    thread = threading.Thread(target=sample)
-    thread.start()
-    with torch.no_grad():
-        model(x)
-    done.set()
-    thread.join()
-    queue.put(peak[0] - base)
+        queue.put(peak_rss_growth_mib(lambda: model(x)))
 
 
 def peak_memory(size: int, batch: int, threads: int) -> Dict[str, float]:

@@ -36,16 +36,14 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import threading
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 try:
-    from bench_backbone import _rss_mib, build_pair, interleaved
+    from bench_backbone import build_pair, interleaved, peak_rss_growth_mib
 except ImportError:  # imported as benchmarks.bench_train
-    from .bench_backbone import _rss_mib, build_pair, interleaved
+    from .bench_backbone import build_pair, interleaved, peak_rss_growth_mib
 
 VARIANTS = ('pvtv2_mmdet', 'static', 'full', 'masked', 'masked_cp', 'sparse_init',
             'sparse_mu086', 'sparse_mu086_cp')
@@ -158,20 +156,7 @@ def _memory_child(name: str, shape: Tuple[int, int, int], threads: int, arch: st
     x = torch.randn(b, 3, h, w)
     step = step_fn(model, gated, x)
     step()  # warm-up: allocator caches, oneDNN primitives, .grad tensors
-    base = _rss_mib()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            time.sleep(0.001)
-    thread = threading.Thread(target=sample)
-    thread.start()
-    step()
-    done.set()
-    thread.join()
-    queue.put((peak[0] - base) / 1024)
+    queue.put(peak_rss_growth_mib(step, interval=0.001) / 1024)
 
 
 def bench_memory(shape: Tuple[int, int, int], variants: Sequence[str], threads: int

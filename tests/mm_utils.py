@@ -3,13 +3,23 @@ generated toy data set."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from mmengine.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 DET_TOY = ROOT / 'configs/detection/mask_rcnn_dit_b0_toy.py'
 SEG_TOY = ROOT / 'configs/segmentation/fpn_dit_b0_toy.py'
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` imported as a module (to call its ``main(argv)``)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def det_toy_cfg(data_root: Path, work_dir: Path, iters: int = 2, **overrides) -> Config:

@@ -2,13 +2,12 @@
 on a tiny toy set with a randomly initialised DiT-b0 Mask R-CNN."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from mm_utils import load_tool
 
 from dit_mm import analysis
 from dit_mm.analysis.calibration import collect_inputs, spend
@@ -20,11 +19,7 @@ CONFIG = str(REPO / 'configs' / 'detection' / 'mask_rcnn_dit_b0_toy.py')
 SIZE = (128, 160)
 
 
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_tool = load_tool
 
 
 @pytest.fixture(scope='module')

@@ -12,17 +12,16 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from mm_utils import load_tool
 from mmengine.config import Config
 
 import dit_mm
@@ -44,11 +43,7 @@ ABLATIONS = {'static': dict(routing='static'), 'full': dict(routing='full'),
              'scale_only': dict(depth_routing=False), 'depth_only': dict(scale_routing=False)}
 
 
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_tool = load_tool
 
 
 def _hook(cfg: Config) -> dict:

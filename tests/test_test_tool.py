@@ -4,14 +4,13 @@ with randomly initialised checkpoints and tiny generated data sets, their
 errors, and ``DetMaskTTAModel`` (flip TTA with instance masks)."""
 from __future__ import annotations
 
-import importlib.util
 import pickle
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from mm_utils import load_tool
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.registry import init_default_scope
@@ -30,11 +29,7 @@ SIZE = (128, 160)  # (h, w) of the generated images; the pipelines keep them at 
 NUM_VAL = 2
 
 
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_tool = load_tool
 
 
 TEST = _tool('test')

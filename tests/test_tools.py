@@ -4,14 +4,13 @@ randomly initialised DiT-b0 Mask R-CNN."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 
 import matplotlib.image as mpimg
 import pytest
+from mm_utils import load_tool
 
 from dit_mm import analysis
 from dit_mm.datasets.toy_data import generate_toy_dataset
@@ -23,11 +22,7 @@ SIZE = (128, 160)  # toy images; the test pipeline below keeps them at this size
 NODES = [f's{i}_t{j}' for j in range(4) for i in range(j + 1)]
 
 
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_tool = load_tool
 
 
 @pytest.fixture(scope='module')
