@@ -12,6 +12,10 @@ the task metric (bbox/segm mAP, mIoU or top-1, from the config's evaluator)
 and the real backbone FLOPs / C_base of the routes taken in that very pass.
 Written to DIR: ``budget_sweep.json``, ``budget_sweep.md`` and
 ``budget_sweep.png`` (metric against real FLOPs, one curve per dial).
+
+The spend is read from the backbone's last forward of each image: right for
+detectors, classifiers and mmseg's ``mode='whole'`` inference; with mmseg's
+sliding-window inference it is the last window's.
 """
 from __future__ import annotations
 
