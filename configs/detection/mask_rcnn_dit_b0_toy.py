@@ -113,7 +113,8 @@ custom_hooks = [
     # reseeds torch's RNG every iteration: a resumed run continues exactly
     dict(type='IterSeedHook', seed=0),
 ]
-# seeds the init, the data order and the augmentations: two runs are equal
+# seeds the init, the data order and the augmentations: two runs on the same
+# thread count are equal
 # (tools/train.py --cfg-options randomness.seed=K for another run)
 randomness = dict(seed=0)
 default_hooks = dict(
