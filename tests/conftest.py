@@ -29,6 +29,16 @@ def spread_gates(model, scale: float = 2.0) -> None:
             g.reset_ema()
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module's tests (they build many small models,
+    where a second thread only adds synchronisation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def toy_root(tmp_path_factory):
     """A small generated toy data set (COCO + ADE-style), shared by tests."""

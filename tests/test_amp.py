@@ -45,12 +45,7 @@ H, W = 64, 96  # fake images (multiples of 32: no padding)
 STEPS = 3
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _shrink(cfg: Config, family: str) -> None:

@@ -278,7 +278,7 @@ def test_weights_swapped_through_data_are_used_after_eval():
 
 
 # ----------------------------------------------------- mmdet-style options
-def _frozen_and_trainable(model: DiT, k: int):
+def _frozen_param_ids(model: DiT) -> set:
     frozen = set()
     for m in model.frozen_modules():
         frozen |= {id(p) for p in m.parameters()}
@@ -294,7 +294,7 @@ def test_frozen_stages_freeze_stem_nodes_edges_and_gates(k):
         for g in list(model.row_gates.values()) + list(model.col_gates.values()):
             g.proj.weight.add_(0.1)
     ema_before = {n: b.clone() for n, b in model.named_buffers() if 'ema_' in n}
-    frozen = _frozen_and_trainable(model, k)
+    frozen = _frozen_param_ids(model)
     prefixes = ['stem.'] if k >= 0 else []
     for (i, j) in model.spec.nodes:
         if j < k:

@@ -35,12 +35,7 @@ _tool = load_tool
 TEST = _tool('test')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _checkpoint(config: str, scope: str, path: Path) -> str:
