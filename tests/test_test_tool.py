@@ -172,7 +172,11 @@ def test_find_dit_through_a_tta_model() -> None:
 
 
 # ------------------------------------------------------------------ mmseg
-def test_seg_out_dir_and_show_dir(toy: dict, tmp_path: Path) -> None:
+def test_seg_out_dir_and_show_dir(toy: dict, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # away from the repository, so that the config's training data (data/toy, relative)
+    # is not there, as on a fresh clone: a test must not build the training data set
+    monkeypatch.chdir(tmp_path)
     out, painted = tmp_path / 'labels', tmp_path / 'painted'
     metrics = TEST.main([SEG, toy['seg_ckpt'], '--work-dir', str(tmp_path / 'work'),
                          '--out', str(out), '--show-dir', str(painted),

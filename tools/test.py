@@ -177,6 +177,11 @@ def build_config(args: argparse.Namespace) -> Config:
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         './work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
+    # a test needs no training loop, and building one builds the training data set:
+    # mmseg's SegVisualizationHook reads runner.iter, which builds cfg.train_dataloader,
+    # so --show-dir failed wherever the training images were not on disk
+    for key in ('train_dataloader', 'train_cfg', 'optim_wrapper', 'param_scheduler'):
+        cfg[key] = None
     if args.out is not None:
         _check_out(cfg, args.out)
         if cfg.get('default_scope') == 'mmseg':  # mmseg 1.2 tools/test.py
