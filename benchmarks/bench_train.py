@@ -2,7 +2,8 @@
 the time of a masked step goes, node by node.
 
     python benchmarks/bench_train.py [--inputs 512x512x2 800x1344x1] [--rounds 3]
-                                     [--variants ...] [--no-memory] [--no-nodes]
+                                     [--allocators keep system] [--variants ...]
+                                     [--no-memory] [--no-nodes] [--merge]
                                      [--out benchmarks/train_results.json]
 
 One step = forward and backward of the backbone alone at random init, with a
@@ -22,19 +23,30 @@ the variants is the backbone). Variants:
   the keep probability that fills the budget), without / with ``with_cp``.
 
 Step times are medians of ``--rounds`` interleaved rounds after one warm-up
-round, in one process. Peak memory is the growth of the RSS during one step
-over the RSS before it, each variant in its own process (after a warm-up
-step). Next to each time: the FLOPs the step's forward computes and the
-FLOPs of the routes it takes, as multiples of ``C_base``. The node table
-times one masked training step of every grid node alone (forward and
-backward on an input of the node's shape) against its share of the full
-grid's FLOPs.
+round, in one process per allocator mode: ``keep`` keeps freed memory for
+reuse (:func:`dit_mm.engine.runtime.keep_freed_memory`, what ``tools/train.py``
+sets on the CPU), ``system`` is glibc's default, which returns freed blocks to
+the kernel so that every step page-faults its activations back in. Peak
+memory is the growth of the RSS during one step over the RSS before it, each
+variant in its own process (after a warm-up step), under ``system`` (under
+``keep`` the heap already holds the warm-up step's peak). Next to each time:
+the FLOPs the step's forward computes and the FLOPs of the routes it takes,
+as multiples of ``C_base``. The node table times one masked training step of
+every grid node alone (forward and backward on an input of the node's shape)
+against its share of the full grid's FLOPs, under the first allocator mode.
+
+The issue's targets are evaluated from the measurements of each input and
+allocator (``targets`` in the JSON, and printed): full-grid step <= 1.2 x
+(C_full / C_base) x static; masked <= 1.05 x full; masked ``with_cp`` peak
+memory <= 1.3 x static; sparse at mu = 0.86 <= 1.1 x (its routes / C_base) x
+static.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,6 +57,7 @@ try:
 except ImportError:  # imported as benchmarks.bench_train
     from .bench_backbone import build_pair, interleaved, peak_rss_growth_mib
 
+ALLOCATORS = ('keep', 'system')
 VARIANTS = ('pvtv2_mmdet', 'static', 'full', 'masked', 'masked_cp', 'sparse_init',
             'sparse_mu086', 'sparse_mu086_cp')
 MU = 0.86
@@ -107,6 +120,9 @@ def step_fn(model, gated: bool, x: torch.Tensor) -> Callable[[], None]:
         if gated:
             loss = loss + 2.0 * model.budget_loss(MU)
         loss.backward()
+        # nothing of the step outlives it: under the keep allocator, gradients left
+        # between the variants' steps pinned the heap (12.8 GB at 512x512x2)
+        model.zero_grad(set_to_none=True)
     return step
 
 
@@ -145,6 +161,57 @@ def bench_times(shape: Tuple[int, int, int], variants: Sequence[str], rounds: in
     return dict(input=[h, w], batch=b, rounds=rounds, variants=rows)
 
 
+def _from_child(target, args: tuple):
+    """``target(*args, queue)`` in a spawned process; what it puts on the queue.
+    A child that dies first (e.g. killed for memory) raises instead of
+    leaving the parent waiting."""
+    import queue as queue_mod
+    ctx = mp.get_context('spawn')
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    while True:
+        try:
+            got = q.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f'{target.__name__}{args[:2]}: the child process died '
+                                   f'(exit code {p.exitcode}; -9 is usually out of memory)'
+                                   ) from None
+    p.join()
+    return got
+
+
+def _times_child(malloc: str, shape: Tuple[int, int, int], variants: Sequence[str],
+                 rounds: int, threads: int, arch: str, queue) -> None:
+    """:func:`bench_times` in a fresh process under allocator mode ``malloc``."""
+    global ARCH
+    ARCH = arch
+    from dit_mm.engine.runtime import keep_freed_memory
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if malloc == 'keep' and not keep_freed_memory():
+        queue.put(None)  # not glibc
+        return
+    queue.put(dict(bench_times(shape, variants, rounds), malloc=malloc))
+
+
+def bench_times_per_allocator(shape: Tuple[int, int, int], variants: Sequence[str],
+                              rounds: int, threads: int, modes: Sequence[str]) -> List[dict]:
+    """:func:`bench_times` once per allocator mode, each in its own process,
+    one after the other."""
+    runs = []
+    for mode in modes:
+        print(f'  allocator {mode}:', flush=True)
+        got = _from_child(_times_child, (mode, shape, list(variants), rounds, threads, ARCH))
+        if got is None:
+            print(f'  allocator mode {mode!r} unavailable here (not glibc); skipped', flush=True)
+            continue
+        runs.append(got)
+    return runs
+
+
 def _memory_child(name: str, shape: Tuple[int, int, int], threads: int, arch: str,
                   queue) -> None:
     global ARCH
@@ -162,14 +229,9 @@ def _memory_child(name: str, shape: Tuple[int, int, int], threads: int, arch: st
 def bench_memory(shape: Tuple[int, int, int], variants: Sequence[str], threads: int
                  ) -> Dict[str, float]:
     """Peak RSS growth (GiB) of one step, each variant in a fresh process."""
-    ctx = mp.get_context('spawn')
     out = {}
     for name in variants:
-        q = ctx.Queue()
-        p = ctx.Process(target=_memory_child, args=(name, shape, threads, ARCH, q))
-        p.start()
-        out[name] = q.get()
-        p.join()
+        out[name] = _from_child(_memory_child, (name, shape, threads, ARCH))
         print(f'    memory {name}: {out[name]:.2f} GiB', flush=True)
     return out
 
@@ -206,11 +268,53 @@ def bench_nodes(shape: Tuple[int, int, int], rounds: int) -> List[dict]:
     return rows
 
 
+def evaluate_targets(run: dict, memory: Dict[str, float]) -> List[dict]:
+    """The training-cost issue's targets on one input and allocator: each with
+    the measured value, its bound and whether it is met (variants that were
+    not run are left out)."""
+    rows, out = run['variants'], []
+
+    def add(name: str, value: float, bound: float) -> None:
+        out.append(dict(target=name, value=value, bound=bound, met=bool(value <= bound)))
+    if 'static' in rows and 'full' in rows:
+        ratio = rows['full']['flops_computed']
+        add(f'full step / static <= 1.2 x C_full/C_base ({ratio:.2f})',
+            rows['full']['step_s'] / rows['static']['step_s'], 1.2 * ratio)
+    if 'full' in rows and 'masked' in rows:
+        add('masked step / full step <= 1.05',
+            rows['masked']['step_s'] / rows['full']['step_s'], 1.05)
+    if memory.get('static', 0) > 0 and 'masked_cp' in memory:
+        add('masked with_cp peak memory / static <= 1.3',
+            memory['masked_cp'] / memory['static'], 1.3)
+    if 'static' in rows and 'sparse_mu086' in rows:
+        routes = rows['sparse_mu086']['flops_routes']
+        add(f'sparse mu=0.86 step / static <= 1.1 x routes ({routes:.2f})',
+            rows['sparse_mu086']['step_s'] / rows['static']['step_s'], 1.1 * routes)
+    return out
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``new``'s runs in place of ``old``'s for the same input, batch and
+    allocator; ``old``'s other runs kept."""
+    def key(run: dict) -> tuple:
+        return tuple(run['input']), run['batch'], run.get('malloc', 'system')
+    fresh = {key(r) for r in new['times']}
+    merged = dict(new, times=[r for r in old.get('times', []) if key(r) not in fresh]
+                  + new['times'])
+    for part in ('memory', 'nodes'):
+        merged[part] = {**old.get(part, {}), **new.get(part, {})}
+    merged['times'].sort(key=lambda r: (r['input'][0] * r['input'][1] * r['batch'],
+                                        ALLOCATORS.index(r.get('malloc', 'system'))))
+    return merged
+
+
 def print_tables(res: dict) -> None:
     for run in res['times']:
         h, w = run['input']
         mem = res.get('memory', {}).get(f'{h}x{w}x{run["batch"]}', {})
-        print(f'\n### {h}x{w}, batch {run["batch"]} (medians of {run["rounds"]} rounds)')
+        malloc = run.get('malloc', 'system')
+        print(f'\n### {h}x{w}, batch {run["batch"]}, allocator {malloc} '
+              f'(medians of {run["rounds"]} rounds; memory under system)')
         print('| variant | step (s) | / static | FLOPs computed / C_base | routes / C_base '
               '| peak RSS growth (GiB) |')
         print('|---|---|---|---|---|---|')
@@ -218,6 +322,9 @@ def print_tables(res: dict) -> None:
             m = f'{mem[n]:.2f}' if n in mem else ''
             print(f"| {n} | {r['step_s']:.2f} | {r.get('over_static', float('nan')):.2f} | "
                   f"{r['flops_computed']:.2f} | {r['flops_routes']:.2f} | {m} |")
+        for t in evaluate_targets(run, mem):
+            print(f"* {t['target']}: {t['value']:.2f} against {t['bound']:.2f}, "
+                  f"{'met' if t['met'] else 'missed'}")
     for key, rows in res.get('nodes', {}).items():
         print(f'\n### Masked training step per node, {key} (forward + backward, alone)')
         print('| node | step (ms) | time share | FLOPs share | time / FLOPs share | GFLOP/s |')
@@ -226,6 +333,17 @@ def print_tables(res: dict) -> None:
             print(f"| {r['node']} | {r['step_s'] * 1e3:.0f} | {r['time_share']:.3f} | "
                   f"{r['flops_share']:.3f} | {r['time_share'] / r['flops_share']:.2f} | "
                   f"{r['gflop_per_s']:.1f} |")
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _shape(text: str) -> Tuple[int, int, int]:
@@ -244,30 +362,51 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         default=[(512, 512, 2), (800, 1344, 1)])
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument('--allocators', nargs='+', choices=ALLOCATORS, default=list(ALLOCATORS),
+                        help='allocator modes of the step times, each in its own process')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--arch', default='b2', help="DiT / PVTv2 arch (default 'b2')")
     parser.add_argument('--no-memory', action='store_true')
     parser.add_argument('--no-nodes', action='store_true')
     parser.add_argument('--out', default='benchmarks/train_results.json')
+    parser.add_argument('--merge', action='store_true',
+                        help="merge into --out: replace its runs of these inputs, keep the rest")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error('--rounds must be >= 1')
+    old = {}
+    if args.merge and os.path.isfile(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
     global ARCH
     ARCH = args.arch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.allocators[0] == 'keep' and not args.no_nodes:  # the node table's mode
+        from dit_mm.engine.runtime import keep_freed_memory
+        keep_freed_memory()
     res: dict = dict(arch=ARCH, machine=dict(platform=platform.platform(), threads=args.threads,
-                                  torch=torch.__version__), mu=MU, times=[], memory={},
-                     nodes={})
+                                             cpu=_cpu_name(), torch=torch.__version__,
+                                             capability=torch.backends.cpu.get_cpu_capability()),
+                     mu=MU, times=[], memory={}, nodes={},
+                     nodes_malloc=args.allocators[0])
     for k, shape in enumerate(args.inputs):
         print(f'[{k + 1}/{len(args.inputs)}] {shape[0]}x{shape[1]} batch {shape[2]}: step times',
               flush=True)
-        res['times'].append(bench_times(shape, args.variants, args.rounds))
+        runs = bench_times_per_allocator(shape, args.variants, args.rounds, args.threads,
+                                         args.allocators)
+        res['times'] += runs
         if not args.no_memory:
             res['memory']['x'.join(map(str, shape))] = bench_memory(shape, args.variants,
                                                                     args.threads)
         if not args.no_nodes:
             res['nodes']['x'.join(map(str, shape))] = bench_nodes(shape, args.rounds)
+        for run in runs:
+            run['targets'] = evaluate_targets(run, res['memory'].get('x'.join(map(str, shape)),
+                                                                       {}))
         with open(args.out, 'w') as f:  # after every input: a long run keeps what it measured
-            json.dump(res, f, indent=2)
+            json.dump(merge_results(old, res) if old else res, f, indent=2)
+    res = merge_results(old, res) if old else res
     print_tables(res)
     print(f'\nwritten: {args.out}')
     return res

@@ -172,3 +172,24 @@ def test_get_flops_loads_mmengine_checkpoint(tmp_path: Path) -> None:
     assert report['checkpoint'] == str(ckpt)
     assert bb['full'] <= bb['real'] < 1.05 * bb['full']
     assert bb['expected'] == pytest.approx(bb['real'], rel=1e-3)
+
+
+def test_train_keeps_freed_memory_on_the_cpu_unless_told_not_to(monkeypatch) -> None:
+    """``tools/train.py`` sets glibc to keep freed memory before it builds
+    anything when training on the CPU (``--no-keep-freed-memory``: not)."""
+    import torch
+    train = _tool('train')
+    calls = []
+
+    def stop(args):
+        raise SystemExit('stopped before the Runner')
+    monkeypatch.setattr(train, 'keep_freed_memory', lambda: calls.append(1) or True)
+    monkeypatch.setattr(train, 'build_config', stop)
+    cases = ((False, [], 1), (True, [], 0), (False, ['--no-keep-freed-memory'], 0),
+             (True, ['--keep-freed-memory'], 1))
+    for cuda, flags, expected in cases:
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda cuda=cuda: cuda)
+        calls.clear()
+        with pytest.raises(SystemExit, match='stopped'):
+            train.main(['any_config.py', *flags])
+        assert len(calls) == expected, (cuda, flags)
