@@ -208,6 +208,29 @@ def test_training_forward_agrees_with_the_reference(sparse):
     assert _close(on, off)
 
 
+def test_sparse_training_gradients_agree_with_the_reference(monkeypatch):
+    """Sparse training's backward through the executor (the sparse depthwise
+    kernel's autograd function) gives the reference's gradients, and the
+    kernel is on that path."""
+    model = make_dit('b0', sparse_training=True, drop_path_rate=0.0)
+    spread_gates(model)
+    model.train()
+    x = torch.randn(2, 3, 64, 96)
+    calls = []
+    real = sparse_ops._SparseDWConv.apply
+    monkeypatch.setattr(sparse_ops._SparseDWConv, 'apply',
+                        lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        model.generator = torch.Generator().manual_seed(3)
+        sum(o.square().mean() for o in model(x)).backward()
+        return tuple(p.grad.clone() for p in model.parameters() if p.grad is not None)
+    on, off = _on_off(run)
+    assert calls and len(on) == len(off) > 0
+    assert _close(on, off)
+
+
 # ------------------------------------------- the executors are not entered
 def _trap(monkeypatch):
     """Every entry into the CPU executor and the weight cache raises."""

@@ -9,10 +9,12 @@ three ways that give the same values for the same hard gate ``g``:
 * :meth:`RoutedStage.forward_masked`: training; dense compute, skipped tokens
   are held at their input value and hidden to the depthwise conv, and the
   straight-through gradient of ``g`` gets ``B(x) - x`` at every token;
-* :meth:`RoutedStage.forward_sparse`: inference; the kept tokens of all
-  images are packed into one ``(K, C)`` matrix, and only they go through the
-  token-wise layers (query, attention, projection, MLP linears, norms). On
-  float32 CPU tensors the whole packed stage runs as one C++ call
+* :meth:`RoutedStage.forward_sparse`: inference, and training with
+  ``sparse_training``; the kept tokens of all images are packed into one
+  ``(K, C)`` matrix, and only they go through the token-wise layers (query,
+  attention, projection, MLP linears, norms) and, where an executor has the
+  kernel, the MLP's depthwise conv (with its backward in training). At
+  float32 CPU inference the whole packed stage runs as one C++ call
   (:mod:`dit_mm.accel.cpu.native_stage`, same ops and values); elsewhere, in
   Python.
 
@@ -197,8 +199,9 @@ class RoutedStage(nn.Module):
     # ----------------------------------------------------------------- sparse
     def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],
                        keep: torch.Tensor) -> torch.Tensor:
-        """Inference path: computes only the kept tokens. Float32 CPU
-        inference runs the C++ stage program (:mod:`dit_mm.accel.cpu.native_stage`);
+        """Packed path (inference, and training with ``sparse_training``):
+        computes only the kept tokens. Float32 CPU inference runs the C++
+        stage program (:mod:`dit_mm.accel.cpu.native_stage`);
         elsewhere, with autograd off, the Python path computes densely (with
         the same values) when more than ``self.dense_above`` of the tokens
         are kept, or ``self.dense_above_accelerator`` off the CPU.
@@ -234,10 +237,13 @@ class RoutedStage(nn.Module):
             base = x.reshape(B * N, C)
             t = base.index_select(0, idx)
         if kernel_applies(t) and all(fusable(blk.mlp) for blk in self.blocks):
-            # depthwise conv + GELU at the kept tokens only (dit_mm.accel.cpu.sparse_ops)
+            # depthwise conv + GELU at the kept tokens only, differentiable under
+            # autograd (dit_mm.accel.cpu.sparse_ops)
             with scope('dit::gather'):
                 nbr = neighbour_table(idx, B, hw)
-            hidden = t.new_empty(K, self.blocks[0].mlp.fc1.out_features)
+            # one output buffer for every block at inference (autograd keeps each block's)
+            hidden = None if torch.is_grad_enabled() else t.new_empty(
+                K, self.blocks[0].mlp.fc1.out_features)
             mlp = partial(_mlp_packed_kernel, nbr=nbr, hidden=hidden)
         else:
             # dense depthwise conv on a hidden map that is zero at skipped
@@ -426,9 +432,9 @@ def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _mlp_packed_kernel(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor,
-                       hidden: torch.Tensor) -> torch.Tensor:
+                       hidden: Optional[torch.Tensor]) -> torch.Tensor:
     """MLP of packed tokens with the sparse depthwise conv + GELU, written
-    into the stage's ``hidden`` buffer."""
+    into the stage's ``hidden`` buffer at inference."""
     h = sparse_dwconv_gelu(_linear(mlp.fc1, t), nbr, mlp.dwconv, out=hidden)
     return _dropout(mlp.drop, _linear(mlp.fc2, _dropout(mlp.drop, h)))
 

@@ -83,7 +83,7 @@ def native_applies(stage: nn.Module, x: torch.Tensor) -> bool:
     CPU inference where the reordered oneDNN ops and the extension exist,
     not turned off."""
     return (getattr(stage, 'native', True) and os.environ.get('DIT_MM_NO_NATIVE') != '1'
-            and onednn.packed_applies(x) and sparse_ops.kernel_applies(x))
+            and onednn.packed_applies(x) and sparse_ops.inference_kernel_applies(x))
 
 
 def packed_forward(stage: nn.Module, x: torch.Tensor, hw: Tuple[int, int],

@@ -12,9 +12,13 @@ follows then also runs on kept rows only):
   both read as zero, as in the dense path);
 * :func:`sparse_dwconv_gelu` runs a small C++ kernel (compiled once per
   machine with ``torch.utils.cpp_extension.load_inline``, parallel through
-  ``at::parallel_for``) on float32 CPU tensors at inference. Elsewhere (other
-  devices or dtypes, autograd, no compiler, or ``DIT_MM_NO_EXT=1``) the
-  packed blocks fall back to the dense conv on a zero-filled hidden map;
+  ``at::parallel_for``) on float32 CPU tensors. Under autograd (sparse
+  training) it is an autograd function: the forward is the same kernel
+  without GELU, the input gradient the same kernel with the taps mirrored,
+  the taps' gradient a reduction kernel; the exact GELU then runs in
+  PyTorch. Elsewhere (other devices or dtypes, no compiler, or
+  ``DIT_MM_NO_EXT=1``) the packed blocks fall back to the dense conv on a
+  zero-filled hidden map;
 * :func:`write_rows` writes packed rows back into a token map, with the same
   kernel build (4-6x faster than ``index_copy_`` here), else ``index_copy_``.
 
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from mmengine.logging import print_log
 
 from ...utils.profiling import scope
@@ -39,7 +44,7 @@ from ..cache import prepared
 #: C++ sources of the extension in ``dit_mm/accel/cpu/csrc``, in this order (the stage
 #: program calls the kernels).
 SOURCES = ('sparse_kernels.cpp', 'packed_stage.cpp')
-_FUNCTIONS = ['dwconv', 'neighbours', 'scatter_rows', 'packed_stage']
+_FUNCTIONS = ['dwconv', 'dwconv_weight_grad', 'neighbours', 'scatter_rows', 'packed_stage']
 _CFLAGS = ['-O3', '-march=native', '-fopenmp']
 
 _lock = threading.Lock()
@@ -121,9 +126,14 @@ def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int]) -> torch
 
 def kernel_applies(h: torch.Tensor) -> bool:
     """Whether :func:`sparse_dwconv_gelu` can run on ``h``: float32 CPU
-    inference (no autograd) with the kernel built."""
-    return (h.device.type == 'cpu' and h.dtype == torch.float32
-            and not torch.is_grad_enabled() and _extension() is not None)
+    tensors with the kernel built, at inference or under autograd."""
+    return h.device.type == 'cpu' and h.dtype == torch.float32 and _extension() is not None
+
+
+def inference_kernel_applies(h: torch.Tensor) -> bool:
+    """:func:`kernel_applies` without autograd (the in-place kernels: row
+    writes, the stage program)."""
+    return kernel_applies(h) and not torch.is_grad_enabled()
 
 
 def write_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -131,7 +141,7 @@ def write_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch
     and distinct row indices ``idx`` (as ``nonzero`` gives them): through the
     kernel for contiguous float32 CPU tensors without autograd. Returns
     ``dst``."""
-    if (kernel_applies(src) and dst.dtype == torch.float32 and dst.device.type == 'cpu'
+    if (inference_kernel_applies(src) and dst.dtype == torch.float32 and dst.device.type == 'cpu'
             and dst.is_contiguous() and src.is_contiguous() and idx.dtype == torch.long):
         return _extension().scatter_rows(dst, idx.contiguous(), src)
     return reference.write_rows(dst, idx, src)
@@ -148,7 +158,8 @@ def _taps(weight: torch.Tensor, bias: Optional[torch.Tensor]
 def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d,
                        gelu: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``GELU(dwconv3x3(hidden))`` at the kept tokens (C++ kernel; check
-    :func:`kernel_applies` first).
+    :func:`kernel_applies` first). Under autograd, differentiable in ``h``
+    and the conv's weight and bias, with the exact GELU.
 
     Args:
         h: Packed hidden rows ``(K, C)`` of the kept tokens.
@@ -157,10 +168,47 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d
         gelu: Apply the (erf) GELU after the conv, inside the kernel (a
             rational erf, within 3.6e-7 of the exact one).
         out: Optional ``(K, C)`` buffer for the result (overwritten), so that
-            the blocks of a stage reuse one buffer.
+            the blocks of a stage reuse one buffer; not used under autograd.
     """
+    if torch.is_grad_enabled():  # sparse training: out is not reused (autograd keeps h)
+        with scope('dit::sparse_dwconv'):
+            z = _SparseDWConv.apply(h, nbr, conv.weight, conv.bias)
+        return F.gelu(z) if gelu else z
     weight, bias = prepared(conv, 'taps', _taps, conv.weight, conv.bias)
     if out is None or out.shape != h.shape:
         out = torch.empty_like(h)
     with scope('dit::sparse_dwconv'):
         return _extension().dwconv(h.contiguous(), nbr, weight, bias, out, gelu)
+
+
+class _SparseDWConv(torch.autograd.Function):
+    """``dwconv3x3`` at the kept tokens (no GELU) with its backward in C++:
+    ``dh = dwconv(dz)`` with the taps mirrored (tap ``t`` of row ``k`` reads
+    row ``j`` exactly when tap ``8 - t`` of row ``j`` reads row ``k``: both
+    are kept tokens), ``dw[t] = sum_k dz[k] * h[nbr[k, t]]``, ``db = sum_k dz[k]``."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        h = h.contiguous()
+        taps, b = _taps(weight.detach(), None if bias is None else bias.detach())
+        ctx.save_for_backward(h, nbr, weight)
+        ctx.has_bias = bias is not None
+        return _extension().dwconv(h, nbr, taps, b, torch.empty_like(h), False)
+
+    @staticmethod
+    def backward(ctx, gz: torch.Tensor):
+        h, nbr, weight = ctx.saved_tensors
+        gz = gz.contiguous()
+        C = h.shape[1]
+        gh = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            mirrored = weight.detach().reshape(C, 9).flip(1).t().contiguous()
+            gh = _extension().dwconv(gz, nbr, mirrored, gz.new_zeros(C), torch.empty_like(gz),
+                                     False)
+        if ctx.needs_input_grad[2]:
+            chunks = max(1, min(h.shape[0], 4 * torch.get_num_threads()))
+            gw = _extension().dwconv_weight_grad(gz, h, nbr, chunks).t().reshape(weight.shape)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = gz.sum(0)
+        return gh, None, gw, gb

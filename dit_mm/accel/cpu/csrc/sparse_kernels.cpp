@@ -1,5 +1,5 @@
 // Kernels of the packed path (dit_mm/accel/cpu/sparse_ops.py): sparse 3x3 depthwise
-// conv + GELU, row scatter, neighbour table. Built once per machine by
+// conv + GELU and the gradient of its taps, row scatter, neighbour table. Built once per machine by
 // torch.utils.cpp_extension.load_inline, together with packed_stage.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -138,6 +138,41 @@ torch::Tensor dwconv(torch::Tensor h, torch::Tensor nbr, torch::Tensor w, torch:
     }
   });
   return out;
+}
+
+// Gradient of the depthwise taps for sparse training (the backward of `dwconv`
+// without GELU): gw[t, c] = sum_k gz[k, c] * h[nbr[k, t], c], rows with
+// nbr = -1 adding nothing. Each of `chunks` row ranges sums into its own
+// (9, C) slice of the result, which the caller adds up (no atomics, and the
+// sum does not depend on how many threads ran).
+torch::Tensor dwconv_weight_grad(torch::Tensor gz, torch::Tensor h, torch::Tensor nbr,
+                                 int64_t chunks) {
+  TORCH_CHECK(gz.is_contiguous() && h.is_contiguous() && nbr.is_contiguous());
+  const int64_t K = gz.size(0), C = gz.size(1);
+  TORCH_CHECK(h.size(1) == C && nbr.size(0) == K && nbr.size(1) == 9 && chunks >= 1 &&
+              gz.scalar_type() == torch::kFloat && h.scalar_type() == torch::kFloat &&
+              nbr.scalar_type() == torch::kLong);
+  auto partial = torch::zeros({chunks, 9, C}, gz.options());
+  const float* __restrict__ gp = gz.data_ptr<float>();
+  const float* __restrict__ hp = h.data_ptr<float>();
+  const int64_t* __restrict__ np = nbr.data_ptr<int64_t>();
+  float* __restrict__ pp = partial.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      float* __restrict__ acc = pp + ch * 9 * C;
+      for (int64_t k = K * ch / chunks; k < K * (ch + 1) / chunks; ++k) {
+        const float* __restrict__ g = gp + k * C;
+        for (int t = 0; t < 9; ++t) {
+          const int64_t j = np[k * 9 + t];
+          if (j < 0) continue;
+          const float* __restrict__ s = hp + j * C;
+          float* __restrict__ a = acc + t * C;
+          for (int64_t c = 0; c < C; ++c) a[c] += g[c] * s[c];
+        }
+      }
+    }
+  });
+  return partial.sum(0);
 }
 
 // dst[idx[k]] = src[k] for the K rows of src (dst: (N, C), src: (K, C)).
