@@ -337,9 +337,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
          skipped: Optional[torch.Tensor] = None) -> torch.Tensor:
     """timm's ``MlpWithDepthwiseConv``, optionally with a zeroed hidden map
     (see :func:`_block`)."""
-    h = _linear(mlp.fc1, x)
-    if hard is not None:
-        h = h * hard
+    h = _linear(mlp.fc1, x) if hard is None else _masked_linear(mlp.fc1, x, hard)
     if skipped is not None:
         h.view(-1, h.shape[-1]).index_fill_(0, skipped, 0.0)
     m = mlp.relu(tokens_to_map(h, hw))
@@ -348,6 +346,21 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
     else:
         h = mlp.act(map_to_tokens(conv2d(mlp.dwconv, m)))
     return mlp.drop(_linear(mlp.fc2, mlp.drop(h)))
+
+
+def _masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """``fc(x) * hard`` for a 0/1 mask ``hard (B, N, 1)``, with the mask
+    applied to the narrow input instead of the wide output: the bias rides
+    on the mask as one more input channel, ``[x * hard, hard] @ [W, b]^T``,
+    which is exactly zero where ``hard == 0``. For the MLP's fc1 (8x wider
+    output at strides 4 and 8) this saves a pass over the hidden map in the
+    forward and in the backward: fc1 and mask, forward and backward, at
+    2x16384x64 -> 512 took 27.6 instead of 36.6 ms (26.0 -> 20.3 at
+    2x4096x128 -> 1024)."""
+    if fc.bias is None:
+        return linear(x * hard, fc.weight)
+    return linear(torch.cat([x * hard, hard], dim=-1),
+                  torch.cat([fc.weight, fc.bias.unsqueeze(1)], dim=1))
 
 
 def _write_rows(buffer: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
