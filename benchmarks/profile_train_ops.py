@@ -20,6 +20,14 @@ and input shapes. The report:
 * the ``--top`` operators of the last variant by time per step: per-call
   milliseconds in the baseline and in the variant, their ratio, and calls.
 
+**Caveat, measured:** the profiler's per-operator attributions did not
+survive a wall-clock check. It put 555 ms per step on ``aten::gelu_backward``
+in the full-grid step and 120 ms in the masked step on the same shapes, while
+the same op timed with ``perf_counter`` inside the step took 3-7 ms per call,
+and wrapping it did not change the step time (README, "Training cost"). Use
+the report for which operators a step runs and how often; time whole steps
+or nodes with ``bench_train.py``.
+
 Both variants live in one process, under one allocator mode (``keep``:
 :func:`dit_mm.engine.runtime.keep_freed_memory`, as ``tools/train.py`` sets
 on the CPU). Nothing here is asserted by the tests but the shape of the
