@@ -256,6 +256,52 @@ def test_sparse_training_matches_masked_values_and_trains_gates():
         assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_sparse_training_skips_closed_nodes_with_the_masked_paths_gradients():
+    """Every row gate fully open (diagonal) or fully closed (the rest): the
+    sparse path then runs no closed node at all, and its outputs and the
+    gradients of every block, norm and embedding equal the masked path's,
+    which computes the closed nodes and multiplies them by 0."""
+    model = make_dit('b0', sparse_training=True, drop_path_rate=0.0)
+    with torch.no_grad():
+        for key, g in list(model.row_gates.items()) + list(model.col_gates.items()):
+            i, j = key.split('_')
+            g.proj.weight.zero_()
+            g.proj.bias.copy_(torch.tensor([0.0, 20.0 if key in model.row_gates and i[1:] == j[1:]
+                                            else -20.0]))
+            g.reset_ema()
+    model.train()
+    x = torch.randn(2, 3, 64, 96)
+    entered = []
+    for key, stage in model.stages.items():  # the backbone calls these methods directly
+        for name in ('forward_dense', 'forward_masked', 'forward_sparse'):
+            def traced(*args, _f=getattr(stage, name), _key=key, **kwargs):
+                entered.append(_key)
+                return _f(*args, **kwargs)
+            setattr(stage, name, traced)
+
+    def run(sparse):
+        model.sparse_training = sparse
+        model.zero_grad(set_to_none=True)
+        model.generator = torch.Generator().manual_seed(3)
+        out = model(x)
+        sum(o.square().mean() for o in out).backward()
+        return out, {n: p.grad for n, p in model.named_parameters() if 'gates' not in n}
+    out_s, grads_s = run(True)
+    ran_sparse = set(entered)
+    entered.clear()
+    out_m, grads_m = run(False)
+    assert all(k.split('_')[0][1:] == k.split('_')[1][1:] for k in ran_sparse)
+    assert set(entered) - ran_sparse  # the masked path ran the closed nodes
+    for a, b in zip(out_s, out_m):
+        assert torch.allclose(a, b, atol=1e-5)
+    for n, g in grads_m.items():
+        gs = grads_s[n]
+        if gs is None:  # a closed node's weights: the masked path's gradient is zero
+            assert g is None or not g.any(), n
+        else:
+            assert torch.allclose(gs, g, atol=1e-5), n
+
+
 def test_weights_swapped_through_data_are_used_after_eval():
     """mmengine's EMAHook swaps weights with ``p.data.copy_`` (no version
     bump) before ``model.eval()``: the reordered / folded weights and the

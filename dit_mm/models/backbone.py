@@ -593,6 +593,8 @@ class DiT(BaseModule):
             return stage.forward_masked(x, hw, keep)
         if self.training:
             if self.sparse_training:
+                if not bool(kept.any()):  # y would be x: the same value and gradients, and
+                    return x  # the gate's task gradient, y - x, is zero either way
                 y = stage.forward_sparse(x, hw, kept)
                 return x + keep.unsqueeze(-1).to(y.dtype) * (y - x)
             return stage.forward_masked(x, hw, keep)
