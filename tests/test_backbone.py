@@ -272,12 +272,15 @@ def test_sparse_training_skips_closed_nodes_with_the_masked_paths_gradients():
     model.train()
     x = torch.randn(2, 3, 64, 96)
     entered = []
+
+    def traced(fn, key):
+        def run(*args, **kwargs):
+            entered.append(key)
+            return fn(*args, **kwargs)
+        return run
     for key, stage in model.stages.items():  # the backbone calls these methods directly
         for name in ('forward_dense', 'forward_masked', 'forward_sparse'):
-            def traced(*args, _f=getattr(stage, name), _key=key, **kwargs):
-                entered.append(_key)
-                return _f(*args, **kwargs)
-            setattr(stage, name, traced)
+            setattr(stage, name, traced(getattr(stage, name), key))
 
     def run(sparse):
         model.sparse_training = sparse
