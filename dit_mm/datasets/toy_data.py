@@ -339,8 +339,8 @@ def _result(root: Path, meta: dict[str, Any], regenerated: bool) -> dict[str, An
 
 
 def generate_toy_dataset(root: str | Path,
-                         num_train: int = 48,
-                         num_val: int = 16,
+                         num_train: int = 144,
+                         num_val: int = 48,
                          image_size: tuple[int, int] = (256, 320),
                          seed: int = 0,
                          overwrite: bool = False) -> dict[str, Any]:
