@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -217,7 +219,7 @@ def test_idempotent_and_seeded(tmp_path: Path) -> None:
     first = generate_toy_dataset(root, seed=0, **kw)
     assert first['regenerated'] is True
     files = sorted(p for p in root.rglob('*') if p.is_file())
-    assert len(files) == 2 + 1 + 3 * (4 + 2)  # two json, meta, jpg+jpg+png per image
+    assert len(files) == 2 + 2 + 3 * (4 + 2)  # two json, meta, lock, jpg+jpg+png per image
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     img0 = (root / 'coco' / 'train' / '000000.jpg').read_bytes()
     ann0 = (root / 'coco' / 'annotations' / 'instances_train.json').read_text()
@@ -244,6 +246,26 @@ def test_idempotent_and_seeded(tmp_path: Path) -> None:
     assert fewer['regenerated'] is True
     assert len(list((root / 'coco' / 'train').glob('*.jpg'))) == 2
     assert len(list((root / 'seg' / 'annotations' / 'validation').glob('*.png'))) == 1
+
+
+def test_concurrent_generation_into_one_root(tmp_path: Path) -> None:
+    """Two processes started at once (two main jobs) both get the same set.
+
+    Without the lock the second saw the first's half-written ``coco/`` with no
+    meta file yet and raised ``FileExistsError``.
+    """
+    root = tmp_path / 'toy'
+    code = ('import sys, json; from dit_mm.datasets.toy_data import generate_toy_dataset; '
+            f'r = generate_toy_dataset({str(root)!r}, num_train=6, num_val=2, '
+            f'image_size={SIZE!r}, seed=0); print(json.dumps(r["regenerated"]))')
+    procs = [subprocess.Popen([sys.executable, '-c', code], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    # Exactly one of them wrote the set; the other waited and reused it.
+    assert sorted(out.strip().splitlines()[-1] for out, _ in outs) == ['false', 'true']
+    assert len(list((root / 'coco' / 'train').glob('*.jpg'))) == 6
 
 
 def test_refuses_foreign_folders(tmp_path: Path) -> None:

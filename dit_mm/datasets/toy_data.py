@@ -24,12 +24,13 @@ recomputed (the semantic label maps do reflect the occlusion).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ TOY_SEG_PALETTE: tuple[tuple[int, int, int], ...] = (
 
 _FORMAT_VERSION = 1
 _META_NAME = '.toy_meta.json'
+_LOCK_NAME = '.toy_data.lock'
 _SPLITS = (('train', 'training'), ('val', 'validation'))
 _MIN_OBJECTS, _MAX_OBJECTS = 1, 6
 _MIN_SIZE = 8.0  # px, smallest object extent
@@ -338,6 +340,29 @@ def _result(root: Path, meta: dict[str, Any], regenerated: bool) -> dict[str, An
     }
 
 
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``root`` across processes (POSIX ``flock``).
+
+    Two main jobs started at once on the same ``data/toy`` would otherwise
+    both see a half-written set: one writing it, the other refusing it as
+    foreign. The second now waits and then reuses what the first wrote. Where
+    ``fcntl`` is missing (Windows) this does not lock.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(root / _LOCK_NAME, 'a') as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def generate_toy_dataset(root: str | Path,
                          num_train: int = 144,
                          num_val: int = 48,
@@ -380,6 +405,14 @@ def generate_toy_dataset(root: str | Path,
     if min(h, w) < 32:
         raise ValueError(f'image_size must be at least 32x32, got {image_size}')
     root = Path(root)
+    with _exclusive(root):
+        return _generate(root, num_train, num_val, (h, w), int(seed), overwrite)
+
+
+def _generate(root: Path, num_train: int, num_val: int, image_size: tuple[int, int],
+              seed: int, overwrite: bool) -> dict[str, Any]:
+    """The body of :func:`generate_toy_dataset`, run under its lock."""
+    h, w = image_size
     args = {'version': _FORMAT_VERSION, 'num_train': int(num_train), 'num_val': int(num_val),
             'image_size': [h, w], 'seed': int(seed)}
     meta_file = root / _META_NAME
