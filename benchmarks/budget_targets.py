@@ -1,6 +1,10 @@
 """Issue targets for calibration and the dial, measured on trained main-job runs.
 
     python benchmarks/budget_targets.py RUN_DIR [RUN_DIR ...] [--out FILE.json]
+    python benchmarks/budget_targets.py --merge A.json B.json ... --out FILE.json
+
+(``--merge`` combines the outputs of runs measured in separate processes,
+e.g. one per core, into one table.)
 
 RUN_DIR is a ``tools/main_job.sh`` work dir (``iter_300.pth`` and the
 ``calibrated.pth`` it wrote, calibrated to mu on the toy training images).
@@ -53,23 +57,28 @@ def measure(run: Path, config: str) -> dict:
               f'val {val_spend:.3f} (miss {val_spend - mu:+.3f})', flush=True)
     _, calibrated = analysis.load_model(config, str(run / 'calibrated.pth'))
     cb = find_dit(calibrated)
-    val = collect_inputs(cfg, calibrated, 'val')
+    train, val = collect_inputs(cfg, calibrated, 'train'), collect_inputs(cfg, calibrated, 'val')
     for b in BUDGETS:
         cb.budget = b
-        s = spend(cb, val)
-        out['dial'][str(b)] = dict(offset=cb.gate_offset(), val=s, miss=s - b)
-        print(f'{run.name}: dial {b}: offset {cb.gate_offset():+.3f}, val {s:.3f} '
-              f'(miss {s - b:+.3f})', flush=True)
+        s, s_train = spend(cb, val), spend(cb, train)
+        out['dial'][str(b)] = dict(offset=cb.gate_offset(), val=s, miss=s - b, train=s_train)
+        print(f'{run.name}: dial {b}: offset {cb.gate_offset():+.3f}, train {s_train:.3f}, '
+              f'val {s:.3f} (miss {s - b:+.3f})', flush=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('runs', nargs='+')
+    parser.add_argument('runs', nargs='*', help='main-job work dirs to measure')
+    parser.add_argument('--merge', nargs='+', default=[], metavar='JSON',
+                        help='earlier outputs of this script whose rows to include')
     parser.add_argument('--config', default=CONFIG)
     parser.add_argument('--out')
     args = parser.parse_args(argv)
-    rows = [measure(Path(r), args.config) for r in args.runs]
+    if not args.runs and not args.merge:
+        parser.error('give run dirs to measure or --merge JSON files')
+    rows = [row for f in args.merge for row in json.loads(Path(f).read_text())['rows']]
+    rows += [measure(Path(r), args.config) for r in args.runs]
     summary = {}
     for kind, keys in (('calibration', MUS), ('dial', BUDGETS)):
         for k in keys:
