@@ -216,17 +216,43 @@ def test_sparse_training_gradients_agree_with_the_reference(monkeypatch):
     spread_gates(model)
     model.train()
     x = torch.randn(2, 3, 64, 96)
-    calls = []
-    real = sparse_ops._SparseDWConv.apply
-    monkeypatch.setattr(sparse_ops._SparseDWConv, 'apply',
-                        lambda *a: calls.append(1) or real(*a))
+    calls = _spy_fused_kernel(monkeypatch)
+    on, off = _on_off(lambda: _gradients(model, x))
+    assert calls and len(on) == len(off) > 0
+    assert _close(on, off)
 
-    def run():
-        model.zero_grad(set_to_none=True)
-        model.generator = torch.Generator().manual_seed(3)
-        sum(o.square().mean() for o in model(x)).backward()
-        return tuple(p.grad.clone() for p in model.parameters() if p.grad is not None)
-    on, off = _on_off(run)
+
+def _spy_fused_kernel(monkeypatch) -> list:
+    """A list that grows by one per call of the fused conv + GELU kernel."""
+    calls = []
+    real = sparse_ops._SparseDWConvGELU.apply
+    monkeypatch.setattr(sparse_ops._SparseDWConvGELU, 'apply',
+                        lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _gradients(model, x) -> tuple:
+    model.zero_grad(set_to_none=True)
+    model.generator = torch.Generator().manual_seed(3)
+    sum(o.square().mean() for o in model(x)).backward()
+    return tuple(p.grad.clone() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize('kwargs', [dict(routing='dynamic'), dict(routing='full'),
+                                    dict(routing='static'),
+                                    dict(routing='dynamic', with_cp=True)],
+                         ids=lambda kw: ','.join(f'{k}={v}' for k, v in kw.items()))
+def test_dense_training_gradients_agree_with_the_reference(monkeypatch, kwargs):
+    """The dense training paths (masked routing, full grid, static, with
+    checkpointing) run the MLPs' conv + GELU through the fused kernel on the
+    whole map, and their gradients are the reference's (oneDNN-free
+    depthwise conv, PyTorch's GELU)."""
+    model = make_dit('b0', drop_path_rate=0.0, **kwargs)
+    spread_gates(model)
+    model.train()
+    x = torch.randn(2, 3, 64, 96)
+    calls = _spy_fused_kernel(monkeypatch)
+    on, off = _on_off(lambda: _gradients(model, x))
     assert calls and len(on) == len(off) > 0
     assert _close(on, off)
 

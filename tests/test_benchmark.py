@@ -167,6 +167,28 @@ def test_bench_train_reports_times_memory_flops_and_nodes(tmp_path):
     assert sum(n['time_share'] for n in nodes) == pytest.approx(1.0)
 
 
+def test_bench_fused_train_compares_both_settings_per_variant(tmp_path):
+    from dit_mm.accel.cpu import sparse_ops
+    if not sparse_ops.extension_available():
+        pytest.skip('C++ extension unavailable')
+    out = tmp_path / 'fused.json'
+    subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_fused_train.py'),
+                    '--inputs', '64x64x1', '--rounds', '1', '--threads', '1', '--arch', 'b0',
+                    '--variants', 'static', 'masked', '--out', str(out)],
+                   check=True, cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res['arch'] == 'b0' and len(res['runs']) == 1
+    rows = res['runs'][0]['variants']
+    assert list(rows) == ['static', 'masked']
+    for r in rows.values():
+        assert r['fused_s'] > 0 and r['unfused_s'] > 0
+        assert r['fused_over_unfused'] == pytest.approx(r['fused_s'] / r['unfused_s'])
+    assert rows['static']['over_static_fused'] == pytest.approx(1.0)
+    bad = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_fused_train.py'),
+                          '--inputs', '8x8x1'], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and 'H, W >= 32' in bad.stderr
+
+
 def test_bench_train_merge_replaces_runs_of_the_same_input_and_keeps_others():
     sys.path.insert(0, str(REPO / 'benchmarks'))
     from bench_train import merge_results

@@ -311,26 +311,31 @@ def test_write_rows_matches_index_copy_and_checks_indices():
                 sparse_ops.write_rows(dst.clone(), torch.tensor([0, 1, 2, 3, 50]), src)
 
 
-def test_sparse_kernel_gradients_match_the_reference():
-    """Sparse training through the kernel: its input, weight and bias
-    gradients equal those of the plain-PyTorch definition."""
+@pytest.mark.parametrize('C,scale,bias,gelu', [(24, 1.0, True, True), (70, 4.0, True, True),
+                                              (16, 1.0, False, True), (24, 1.0, True, False)])
+def test_sparse_kernel_gradients_match_the_reference(C, scale, bias, gelu):
+    """Sparse training through the kernel (the fused conv + GELU, or the
+    conv alone): its input, weight and bias gradients equal those of the
+    plain-PyTorch definition, for channel counts with and without a scalar
+    tail and conv outputs far into both tails of the GELU (``scale``)."""
     from dit_mm.accel import reference
     from dit_mm.accel.cpu import sparse_ops
     if not sparse_ops.extension_available():
         pytest.skip('C++ extension unavailable')
     torch.manual_seed(0)
-    B, (H, W), C = 2, (5, 7), 24
+    B, (H, W) = 2, (5, 7)
     keep = torch.rand(B * H * W) < 0.6
     idx = keep.nonzero().squeeze(1)
     nbr = sparse_ops.neighbour_table(idx, B, (H, W))
-    conv = torch.nn.Conv2d(C, C, 3, padding=1, groups=C)
-    h = torch.randn(idx.numel(), C, requires_grad=True)
+    conv = torch.nn.Conv2d(C, C, 3, padding=1, groups=C, bias=bias)
+    h = (scale * torch.randn(idx.numel(), C)).requires_grad_()
     g = torch.randn(idx.numel(), C)
     grads = []
     for fn in (sparse_ops.sparse_dwconv_gelu, reference.sparse_dwconv_gelu):
         conv.zero_grad()
         h.grad = None
-        (fn(h, nbr, conv) * g).sum().backward()
-        grads.append((h.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+        (fn(h, nbr, conv, gelu=gelu) * g).sum().backward()
+        grads.append((h.grad.clone(), conv.weight.grad.clone(),
+                      *([conv.bias.grad.clone()] if bias else [])))
     for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()

@@ -47,7 +47,9 @@ Finer switches, read by the CPU executor (:mod:`.cpu`), so they act only
 where the seam hands it the input: ``DIT_MM_NO_PACKED=1`` (no oneDNN
 reordered weights), ``DIT_MM_NO_NATIVE=1`` or ``RoutedStage.native = False``
 (no C++ stage program), ``DIT_MM_NO_EXT=1`` (no C++ extension: neither the
-stage program nor the sparse kernels).
+stage program nor the sparse kernels), ``DIT_MM_NO_FUSED_TRAINING=1`` (the
+training paths' conv + GELU as a conv, then PyTorch's GELU, instead of the
+fused kernel).
 
 **Where a new executor plugs in.** A package next to :mod:`.cpu` (say
 ``dit_mm/accel/cuda/``) whose ``__init__`` defines the names in

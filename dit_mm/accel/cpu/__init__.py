@@ -15,14 +15,37 @@ function handles what it covers and falls back to
 :mod:`dit_mm.accel.reference` otherwise (``native_applies`` /
 ``kernel_applies`` say ``False`` where the program / kernel cannot run).
 """
-import torch
+from typing import Optional
 
+import torch
+import torch.nn as nn
+
+from . import onednn
 from .native_stage import forget, native_applies, packed_forward
-from .onednn import conv2d, linear, linear_module
-from .sparse_ops import kernel_applies, neighbour_table, sparse_dwconv_gelu, write_rows
+from .onednn import linear, linear_module
+from .sparse_ops import (
+    dwconv_gelu_map,
+    kernel_applies,
+    neighbour_table,
+    sparse_dwconv_gelu,
+    training_dwconv_applies,
+    write_rows,
+)
 
 #: The dtypes the seam hands to this executor.
 DTYPES = (torch.float32,)
+
+
+def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+           bias: Optional[torch.Tensor] = None, key: str = 'conv',
+           gelu: bool = False) -> torch.Tensor:
+    """:func:`.onednn.conv2d`, except the MLP's depthwise conv + GELU under
+    autograd (training), which runs the fused C++ kernel of
+    :func:`.sparse_ops.dwconv_gelu_map` on the whole map."""
+    if gelu and weight is None and training_dwconv_applies(conv, x):
+        return dwconv_gelu_map(conv, x)
+    return onednn.conv2d(conv, x, weight, bias, key, gelu)
+
 
 __all__ = ['DTYPES', 'linear', 'linear_module', 'conv2d', 'write_rows', 'kernel_applies',
            'neighbour_table', 'sparse_dwconv_gelu', 'native_applies', 'packed_forward', 'forget']

@@ -3,6 +3,7 @@
 // torch.utils.cpp_extension.load_inline, together with packed_stage.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <cstring>
 
 // erf(x) = x * P(x^2) / Q(x^2) on [-4, 4], +-1 beyond (max abs error
@@ -39,6 +40,14 @@ static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vround(vec a) {
+  return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline vec vpow2i(vec n) {  // 2^n for integral n in [-126, 127]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
 #define DIT_VEC 1
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -52,6 +61,14 @@ static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vround(vec a) {
+  return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline vec vpow2i(vec n) {  // 2^n for integral n in [-126, 127]
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
 #define DIT_VEC 1
 #endif
 
@@ -76,7 +93,50 @@ static inline vec gelu_vec(vec v) {
   const vec half = vmul(v, vset(0.5f));
   return vfma(half, vdiv(vmul(x, p), q), half);
 }
+
+// exp(v) for v in [-87, 0] (the GELU derivative's Gaussian): 2^n e^r with
+// |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 2e-7).
+static inline vec exp_neg_vec(vec v) {
+  v = vmax(v, vset(-87.0f));
+  const vec n = vround(vmul(v, vset(1.44269504088896341f)));
+  const vec r = vfma(n, vset(-1.42860676533018e-6f), vfma(n, vset(-0.693145751953125f), v));
+  vec p = vset(1.0f / 720);
+  p = vfma(p, r, vset(1.0f / 120));
+  p = vfma(p, r, vset(1.0f / 24));
+  p = vfma(p, r, vset(1.0f / 6));
+  p = vfma(p, r, vset(0.5f));
+  p = vfma(p, r, vset(1.0f));
+  p = vfma(p, r, vset(1.0f));
+  return vmul(p, vpow2i(n));
+}
+
+// GELU'(v) = Phi(v) + v phi(v), with erf_rational for Phi (as gelu_vec).
+static inline vec gelu_grad_vec(vec v) {
+  vec x = vmul(v, vset(0.70710678118654752f));
+  x = vmax(vmin(x, vset(4.0f)), vset(-4.0f));
+  const vec x2 = vmul(x, x);
+  vec p = vset(-2.72614225801306e-10f);
+  p = vfma(p, x2, vset(2.77068142495902e-08f));
+  p = vfma(p, x2, vset(-2.10102402082508e-06f));
+  p = vfma(p, x2, vset(-5.69250639462346e-05f));
+  p = vfma(p, x2, vset(-7.34990630326855e-04f));
+  p = vfma(p, x2, vset(-2.95459980854025e-03f));
+  p = vfma(p, x2, vset(-1.60960333262415e-02f));
+  vec q = vset(-1.45660718464996e-05f);
+  q = vfma(q, x2, vset(-2.13374055278905e-04f));
+  q = vfma(q, x2, vset(-1.68282697438203e-03f));
+  q = vfma(q, x2, vset(-7.37332916720468e-03f));
+  q = vfma(q, x2, vset(-1.42647390514189e-02f));
+  const vec cdf = vfma(vset(0.5f), vdiv(vmul(x, p), q), vset(0.5f));
+  const vec pdf = vmul(vset(0.39894228040143268f), exp_neg_vec(vmul(vmul(v, v), vset(-0.5f))));
+  return vfma(v, pdf, cdf);
+}
 #endif
+
+static inline float gelu_grad_scalar(float v) {
+  return 0.5f * (1.0f + erf_rational(v * 0.70710678118654752f)) +
+         v * 0.39894228040143268f * std::exp(-0.5f * v * v);
+}
 
 static inline float gelu_scalar(float v) {
   return 0.5f * v * (1.0f + erf_rational(v * 0.70710678118654752f));
@@ -173,6 +233,81 @@ torch::Tensor dwconv_weight_grad(torch::Tensor gz, torch::Tensor h, torch::Tenso
     }
   });
   return partial.sum(0);
+}
+
+// Backward of GELU(dwconv(h)) (training, dense or sparse): the conv output
+// z is recomputed row by row from h (not stored by the forward), then
+// gz = gy * GELU'(z) is written out, and the taps' and bias gradients are
+// accumulated from the same neighbour rows while they are in cache:
+// partial[ch, t, c] += gz[k, c] * h[nbr[k, t], c] (t < 9), partial[ch, 9, c]
+// += gz[k, c], one (10, C) slice per chunk of rows, which the caller adds
+// up. The input gradient is then `dwconv(gz)` with the taps mirrored.
+std::vector<torch::Tensor> dwconv_gelu_backward(torch::Tensor gy, torch::Tensor h,
+                                                torch::Tensor nbr, torch::Tensor w,
+                                                torch::Tensor b, int64_t chunks) {
+  TORCH_CHECK(gy.is_contiguous() && h.is_contiguous() && nbr.is_contiguous() &&
+              w.is_contiguous() && b.is_contiguous());
+  const int64_t K = h.size(0), C = h.size(1);
+  TORCH_CHECK(gy.size(0) == K && gy.size(1) == C && nbr.size(0) == K && nbr.size(1) == 9 &&
+              w.numel() == 9 * C && b.numel() == C && chunks >= 1 &&
+              gy.scalar_type() == torch::kFloat && h.scalar_type() == torch::kFloat &&
+              nbr.scalar_type() == torch::kLong);
+  auto gz = torch::empty_like(h);
+  auto partial = torch::zeros({chunks, 10, C}, h.options());
+  const float* __restrict__ gyp = gy.data_ptr<float>();
+  const float* __restrict__ hp = h.data_ptr<float>();
+  const int64_t* __restrict__ np = nbr.data_ptr<int64_t>();
+  const float* __restrict__ wp = w.data_ptr<float>();
+  const float* __restrict__ bp = b.data_ptr<float>();
+  float* __restrict__ gzp = gz.data_ptr<float>();
+  float* __restrict__ pp = partial.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const float* srcs[9];
+    const float* wts[9];
+    float* accs[9];
+    for (int64_t ch = begin; ch < end; ++ch) {
+      float* __restrict__ acc = pp + ch * 10 * C;
+      float* __restrict__ gb = acc + 9 * C;
+      for (int64_t k = K * ch / chunks; k < K * (ch + 1) / chunks; ++k) {
+        int n = 0;
+        for (int t = 0; t < 9; ++t) {
+          const int64_t j = np[k * 9 + t];
+          if (j >= 0) { srcs[n] = hp + j * C; wts[n] = wp + t * C; accs[n] = acc + t * C; ++n; }
+        }
+        const float* __restrict__ g = gyp + k * C;
+        float* __restrict__ o = gzp + k * C;
+        int64_t c = 0;
+#ifdef DIT_VEC
+        for (; c + 2 * VW <= C; c += 2 * VW) {
+          vec a0 = vload(bp + c), a1 = vload(bp + c + VW);
+          for (int i = 0; i < n; ++i) {
+            a0 = vfma(vload(wts[i] + c), vload(srcs[i] + c), a0);
+            a1 = vfma(vload(wts[i] + c + VW), vload(srcs[i] + c + VW), a1);
+          }
+          a0 = vmul(vload(g + c), gelu_grad_vec(a0));
+          a1 = vmul(vload(g + c + VW), gelu_grad_vec(a1));
+          vstore(o + c, a0); vstore(o + c + VW, a1);
+          for (int i = 0; i < n; ++i) {
+            float* a = accs[i] + c;
+            vstore(a, vfma(a0, vload(srcs[i] + c), vload(a)));
+            vstore(a + VW, vfma(a1, vload(srcs[i] + c + VW), vload(a + VW)));
+          }
+          vstore(gb + c, vadd(vload(gb + c), a0));
+          vstore(gb + c + VW, vadd(vload(gb + c + VW), a1));
+        }
+#endif
+        for (; c < C; ++c) {
+          float z = bp[c];
+          for (int i = 0; i < n; ++i) z += wts[i][c] * srcs[i][c];
+          const float d = g[c] * gelu_grad_scalar(z);
+          o[c] = d;
+          for (int i = 0; i < n; ++i) accs[i][c] += d * srcs[i][c];
+          gb[c] += d;
+        }
+      }
+    }
+  });
+  return {gz, partial.sum(0)};
 }
 
 // dst[idx[k]] = src[k] for the K rows of src (dst: (N, C), src: (K, C)).
