@@ -229,6 +229,14 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: torch.nn.Conv2d
         return _extension().dwconv(h.contiguous(), nbr, weight, bias, out, gelu)
 
 
+def _input_grad(gz: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The conv's input gradient from its output gradient ``gz (K, C)``: the
+    same kernel with the taps mirrored (see :class:`_SparseDWConv`)."""
+    C = gz.shape[1]
+    mirrored = weight.detach().reshape(C, 9).flip(1).t().contiguous()
+    return _extension().dwconv(gz, nbr, mirrored, gz.new_zeros(C), torch.empty_like(gz), False)
+
+
 class _SparseDWConv(torch.autograd.Function):
     """``dwconv3x3`` at the kept tokens (no GELU) with its backward in C++:
     ``dh = dwconv(dz)`` with the taps mirrored (tap ``t`` of row ``k`` reads
@@ -248,12 +256,9 @@ class _SparseDWConv(torch.autograd.Function):
     def backward(ctx, gz: torch.Tensor):
         h, nbr, weight = ctx.saved_tensors
         gz = gz.contiguous()
-        C = h.shape[1]
         gh = gw = gb = None
         if ctx.needs_input_grad[0]:
-            mirrored = weight.detach().reshape(C, 9).flip(1).t().contiguous()
-            gh = _extension().dwconv(gz, nbr, mirrored, gz.new_zeros(C), torch.empty_like(gz),
-                                     False)
+            gh = _input_grad(gz, nbr, weight)
         if ctx.needs_input_grad[2]:
             chunks = max(1, min(h.shape[0], 4 * torch.get_num_threads()))
             gw = _extension().dwconv_weight_grad(gz, h, nbr, chunks).t().reshape(weight.shape)
@@ -284,14 +289,11 @@ class _SparseDWConvGELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         h, nbr, weight, taps, b = ctx.saved_tensors
-        C = h.shape[1]
         chunks = max(1, min(h.shape[0], 4 * torch.get_num_threads()))
         gz, gwb = _extension().dwconv_gelu_backward(gy.contiguous(), h, nbr, taps, b, chunks)
         gh = gw = gb = None
         if ctx.needs_input_grad[0]:
-            mirrored = weight.detach().reshape(C, 9).flip(1).t().contiguous()
-            gh = _extension().dwconv(gz, nbr, mirrored, gz.new_zeros(C), torch.empty_like(gz),
-                                     False)
+            gh = _input_grad(gz, nbr, weight)
         if ctx.needs_input_grad[2]:
             gw = gwb[:9].t().reshape(weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[3]:
