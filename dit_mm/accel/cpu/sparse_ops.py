@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from mmengine.logging import print_log
+from torch.autograd.function import once_differentiable
 
 from ...utils.profiling import scope
 from .. import reference
@@ -253,6 +254,7 @@ class _SparseDWConv(torch.autograd.Function):
         return _extension().dwconv(h, nbr, taps, b, torch.empty_like(h), False)
 
     @staticmethod
+    @once_differentiable  # the C++ backward is not itself differentiable
     def backward(ctx, gz: torch.Tensor):
         h, nbr, weight = ctx.saved_tensors
         gz = gz.contiguous()
@@ -287,6 +289,7 @@ class _SparseDWConvGELU(torch.autograd.Function):
         return _extension().dwconv(h, nbr, taps, b, torch.empty_like(h), True)
 
     @staticmethod
+    @once_differentiable  # the C++ backward is not itself differentiable
     def backward(ctx, gy: torch.Tensor):
         h, nbr, weight, taps, b = ctx.saved_tensors
         chunks = max(1, min(h.shape[0], 4 * torch.get_num_threads()))
