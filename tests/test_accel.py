@@ -212,6 +212,8 @@ def test_sparse_training_gradients_agree_with_the_reference(monkeypatch):
     """Sparse training's backward through the executor (the sparse depthwise
     kernel's autograd function) gives the reference's gradients, and the
     kernel is on that path."""
+    if not sparse_ops.extension_available():
+        pytest.skip('C++ extension unavailable')
     model = make_dit('b0', sparse_training=True, drop_path_rate=0.0)
     spread_gates(model)
     model.train()
@@ -247,6 +249,8 @@ def test_dense_training_gradients_agree_with_the_reference(monkeypatch, kwargs):
     checkpointing) run the MLPs' conv + GELU through the fused kernel on the
     whole map, and their gradients are the reference's (oneDNN-free
     depthwise conv, PyTorch's GELU)."""
+    if not sparse_ops.extension_available():
+        pytest.skip('C++ extension unavailable')
     model = make_dit('b0', drop_path_rate=0.0, **kwargs)
     spread_gates(model)
     model.train()
