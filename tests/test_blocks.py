@@ -339,3 +339,26 @@ def test_sparse_kernel_gradients_match_the_reference(C, scale, bias, gelu):
                       *([conv.bias.grad.clone()] if bias else [])))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize('rows', [8, 200])  # below / above 4x the input channels
+def test_masked_linear_equals_the_masked_output_in_both_forms(rows):
+    """fc(x) * hard, whether the mask rides on the input (many rows) or is
+    applied to the output (few rows); exactly zero where hard == 0, with the
+    same gradients."""
+    from dit_mm.models.blocks import _masked_linear
+    fc = torch.nn.Linear(16, 64)
+    x = torch.randn(2, rows, 16, requires_grad=True)
+    hard = (torch.rand(2, rows, 1) < 0.6).float()
+    out = _masked_linear(fc, x, hard)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(ref_x, fc.weight, fc.bias) * hard
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.equal(out[hard.squeeze(-1) == 0], torch.zeros_like(out[hard.squeeze(-1) == 0]))
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = [p.grad.clone() for p in (x, fc.weight, fc.bias)]
+    fc.zero_grad()
+    ref.backward(g)
+    for got, want in zip(grads, (ref_x.grad, fc.weight.grad, fc.bias.grad)):
+        assert torch.allclose(got, want, atol=1e-4)
