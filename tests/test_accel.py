@@ -333,3 +333,47 @@ def test_reference_sparse_dwconv_matches_the_dense_conv_and_the_kernel():
             assert torch.allclose(sparse_ops.sparse_dwconv_gelu(h, nbr, conv), ref, atol=1e-5)
             with accel.set_enabled(False):
                 assert torch.equal(accel.sparse_dwconv_gelu(h, nbr, conv), ref)
+
+
+# ------------------------------------------- packed rows under autograd
+def test_rows_vary_sends_training_gemms_past_onednn(monkeypatch):
+    """With ``rows_vary`` a training GEMM takes ``F.linear`` (oneDNN would
+    build a primitive for every new kept count); without it, oneDNN's 1x1
+    convolution. Same values either way."""
+    x = torch.randn(400, 64, requires_grad=True)  # above onednn_applies' size
+    w, b = torch.randn(32, 64, requires_grad=True), torch.randn(32, requires_grad=True)
+    assert onednn.onednn_applies(x)
+    calls = []
+    real_conv = torch.nn.functional.conv2d
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real_conv(*args, **kwargs)
+    monkeypatch.setattr(onednn.F, 'conv2d', spy)
+    varying = onednn.linear(x, w, b, rows_vary=True)
+    assert not calls
+    fixed = onednn.linear(x, w, b)
+    assert calls
+    assert torch.allclose(varying, fixed, atol=ATOL)
+
+
+def test_sparse_training_marks_its_token_gemms_as_varying(monkeypatch):
+    """Every GEMM on packed kept tokens in sparse training says ``rows_vary``;
+    the map-wide ones (keys/values) do not."""
+    stage = _stage(2).train()
+    x = torch.randn(2, 16 * 16, 32, requires_grad=True)
+    keep = torch.rand(2, 256) < 0.6
+    seen = []
+    real = onednn.linear
+
+    def spy(x, weight, bias=None, owner=None, key='linear', rows_vary=False):
+        seen.append((x.shape[0] if x.dim() == 2 else None, rows_vary))
+        return real(x, weight, bias, owner, key, rows_vary=rows_vary)
+    monkeypatch.setattr(accel.cpu, 'linear', spy)
+    monkeypatch.setattr(accel.cpu, 'linear_module', lambda layer, x, rows_vary=False: spy(
+        x, layer.weight, layer.bias, layer, rows_vary=rows_vary))
+    stage.forward_sparse(x, (16, 16), keep).sum().backward()
+    kept = int(keep.sum())
+    packed = [v for rows, v in seen if rows == kept]
+    assert packed and all(packed)
+    assert any(not v for rows, v in seen if rows != kept)

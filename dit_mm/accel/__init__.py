@@ -144,21 +144,25 @@ def executor(t: torch.Tensor):
 
 # ------------------------------------------------------- dispatched ops
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           owner: Optional[nn.Module] = None, key: str = 'linear') -> torch.Tensor:
+           owner: Optional[nn.Module] = None, key: str = 'linear',
+           rows_vary: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; an executor may keep a prepared copy
-    of ``weight`` under ``(owner, key)``."""
+    of ``weight`` under ``(owner, key)``. ``rows_vary``: a hint that the row
+    count changes from call to call (packed kept tokens), for executors
+    whose kernels are built per shape."""
     ex = executor(x)
     if ex is None:
         return reference.linear(x, weight, bias)
-    return ex.linear(x, weight, bias, owner, key)
+    return ex.linear(x, weight, bias, owner, key, rows_vary=rows_vary)
 
 
-def linear_module(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` (its weight prepared under ``layer``)."""
+def linear_module(layer: nn.Linear, x: torch.Tensor, rows_vary: bool = False) -> torch.Tensor:
+    """``layer(x)`` (its weight prepared under ``layer``); ``rows_vary`` as
+    in :func:`linear`."""
     ex = executor(x)
     if ex is None:
         return reference.linear(x, layer.weight, layer.bias)
-    return ex.linear_module(layer, x)
+    return ex.linear_module(layer, x, rows_vary=rows_vary)
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = None,

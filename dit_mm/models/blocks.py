@@ -63,6 +63,11 @@ from ..accel import (
 from ..accel import linear_module as _linear
 from ..utils.profiling import scope
 
+#: The token-wise layers of the packed path: their row count is the number
+#: of kept tokens, which changes at every training step (see ``rows_vary``
+#: in :func:`dit_mm.accel.linear`).
+_linear_packed = partial(_linear, rows_vary=True)
+
 #: Without the C++ stage program (:mod:`dit_mm.accel.cpu.native_stage`),
 #: :meth:`RoutedStage.forward_sparse` computes densely (with skipped tokens
 #: held, same values) when more than this fraction of a node's tokens is kept.
@@ -272,7 +277,7 @@ class RoutedStage(nn.Module):
             else:
                 with scope('dit::scatter'):
                     full = base.index_copy(0, idx, t).view(B, N, C)
-                q = _linear(blk.attn.q, blk.norm1(t))
+                q = _linear_packed(blk.attn.q, blk.norm1(t))
                 k, v = _keys_values(blk.attn, blk.norm1(full), hw)
             t = t + _attention_packed(blk.attn, q, k, v, counts)
             return t + mlp(blk.mlp, blk.norm2(t)), normed
@@ -430,7 +435,8 @@ def _query_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor) -> 
     part, which is folded into the query weights."""
     w, bias = prepared(attn, 'folded_q', fold_linear, attn.q.weight, attn.q.bias,
                        norm1.weight, norm1.bias)
-    return linear(x_hat, w, bias, owner=attn, key='folded_q_packed')
+    return linear(x_hat, w, bias, owner=attn, key='folded_q_packed',
+                  rows_vary=True)
 
 
 def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
@@ -449,7 +455,7 @@ def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
         if n:
             ob = _sdpa(attn, qb.view(1, n, heads, hd).transpose(1, 2), kb, vb, dropout)
             outs.append(ob.transpose(1, 2).reshape(n, C))
-    return _dropout(attn.proj_drop, _linear(attn.proj, outs[0] if len(outs) == 1
+    return _dropout(attn.proj_drop, _linear_packed(attn.proj, outs[0] if len(outs) == 1
                                             else torch.cat(outs)))
 
 
@@ -473,8 +479,8 @@ def _mlp_packed_kernel(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor,
                        hidden: Optional[torch.Tensor]) -> torch.Tensor:
     """MLP of packed tokens with the sparse depthwise conv + GELU, written
     into the stage's ``hidden`` buffer at inference."""
-    h = sparse_dwconv_gelu(_linear(mlp.fc1, t), nbr, mlp.dwconv, out=hidden)
-    return _dropout(mlp.drop, _linear(mlp.fc2, _dropout(mlp.drop, h)))
+    h = sparse_dwconv_gelu(_linear_packed(mlp.fc1, t), nbr, mlp.dwconv, out=hidden)
+    return _dropout(mlp.drop, _linear_packed(mlp.fc2, _dropout(mlp.drop, h)))
 
 
 def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
@@ -483,11 +489,11 @@ def _mlp_packed(mlp: nn.Module, t: torch.Tensor, hw: Tuple[int, int],
     positions ``idx`` of a ``(B, H, W)`` map. ``buffer (B*H*W, hidden)`` must
     be zero outside ``idx``; without autograd its kept rows are overwritten in
     place."""
-    h = _linear(mlp.fc1, t)
+    h = _linear_packed(mlp.fc1, t)
     with scope('dit::scatter'):  # a copy under autograd (it keeps each block's map)
         buffer = _write_rows(buffer, idx, h)
     B = buffer.shape[0] // (hw[0] * hw[1])
     conv = conv2d(mlp.dwconv, mlp.relu(tokens_to_map(buffer.view(B, -1, h.shape[1]), hw)))
     with scope('dit::gather'):
         h = map_to_tokens(conv).reshape(buffer.shape).index_select(0, idx)
-    return _dropout(mlp.drop, _linear(mlp.fc2, _dropout(mlp.drop, mlp.act(h))))
+    return _dropout(mlp.drop, _linear_packed(mlp.fc2, _dropout(mlp.drop, mlp.act(h))))

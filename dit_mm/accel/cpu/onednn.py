@@ -104,7 +104,8 @@ def _pack_linear(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           owner: Optional[nn.Module] = None, key: str = 'linear') -> torch.Tensor:
+           owner: Optional[nn.Module] = None, key: str = 'linear',
+           rows_vary: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, fast on float32 CPU tensors.
 
     Args:
@@ -114,13 +115,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         owner: Module whose cache keeps the reordered ``weight`` under
             ``key`` (inference only); without it no weight is reordered.
         key: Cache key, unique per weight of ``owner``.
+        rows_vary: The row count changes from call to call (the packed
+            kept tokens of sparse training). oneDNN builds a convolution
+            primitive per shape, and a new row count at every step cost
+            6-30 ms per call (Intel Xeon, 2 threads; forward and backward,
+            ~26000 x 64 -> 512: 66 instead of 34 ms), so under autograd these
+            calls go to ``F.linear`` (MKL, no per-shape kernels: 36 ms
+            either way). No effect at inference.
     """
     if owner is not None and packed_applies(x):
         if plain_is_faster(x.numel() // max(x.shape[-1], 1), weight):
             return F.linear(x, weight, bias)
         packed = prepared(owner, key, _pack_linear, weight)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '')
-    if not onednn_applies(x):
+    if rows_vary or not onednn_applies(x):
         return F.linear(x, weight, bias)
     lead, c_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, c_in)
@@ -130,9 +138,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return y.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
 
 
-def linear_module(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def linear_module(layer: nn.Linear, x: torch.Tensor, rows_vary: bool = False) -> torch.Tensor:
     """``layer(x)`` through :func:`linear`."""
-    return linear(x, layer.weight, layer.bias, owner=layer)
+    return linear(x, layer.weight, layer.bias, owner=layer, rows_vary=rows_vary)
 
 
 def _conv_packable(conv: nn.Conv2d) -> bool:
