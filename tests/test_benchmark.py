@@ -204,3 +204,31 @@ def test_bench_train_merge_replaces_runs_of_the_same_input_and_keeps_others():
     assert got == [(32, 'keep', 3.0), (64, 'keep', 4.0), (64, 'system', 2.0)]
     assert merged['memory'] == {'64x64x1': {'static': 0.5}, '32x32x1': {'static': 0.2}}
     assert merged['nodes'] == {'64x64x1': [1]}
+
+
+def test_budget_targets_fresh_images_are_new_and_the_config_reads_them(tmp_path, monkeypatch):
+    """benchmarks/budget_targets.py --fresh: the fresh set is drawn with its
+    own seed (none of its images is a val image of the main set) and the
+    config's val split is pointed at it; the standard error is the stdev
+    over the images / sqrt(n)."""
+    import numpy as np
+    from mmengine.config import Config
+    from PIL import Image
+
+    from dit_mm.datasets.toy_data import generate_toy_dataset
+    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
+    import budget_targets
+    base = generate_toy_dataset(tmp_path / 'base', num_train=0, num_val=2)  # the main set's seed
+    cfg = Config.fromfile(str(REPO / budget_targets.CONFIG))
+    fresh = budget_targets.fresh_config(cfg, tmp_path / 'fresh', 2)
+    assert fresh.val_dataloader.dataset.data_root == str(tmp_path / 'fresh' / 'coco') + '/'
+    assert cfg.val_dataloader.dataset.data_root != fresh.val_dataloader.dataset.data_root
+    new = sorted((tmp_path / 'fresh' / 'coco' / 'val').glob('*.jpg'))
+    old = sorted(Path(base['coco_root'], 'val').glob('*.jpg'))
+    assert len(new) == 2
+    for a in new:
+        for b in old:
+            pa, pb = np.asarray(Image.open(a)), np.asarray(Image.open(b))
+            assert pa.shape != pb.shape or not np.array_equal(pa, pb)
+    mean, se = budget_targets.mean_se([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(se - 1.0 / 3 ** 0.5) < 1e-12

@@ -55,19 +55,26 @@ def offset_applied(backbone: DiT, offset: float) -> Iterator[DiT]:
 
 
 @torch.no_grad()
-def spend(backbone: DiT, inputs: Sequence[torch.Tensor]) -> float:
-    """Mean real backbone FLOPs / ``C_base`` over ``inputs``, as the model is set."""
+def spends(backbone: DiT, inputs: Sequence[torch.Tensor]) -> list[float]:
+    """Real backbone FLOPs / ``C_base`` of each input batch (averaged over
+    its images), as the model is set, in eval mode."""
     was_training = backbone.training
     backbone.eval()
-    total = 0.0
+    out = []
     try:
         for x in inputs:
             backbone(x)
             f = backbone.flops(per_image=True)
-            total += float(f['real'].sum()) / f['static'] / x.shape[0]
+            out.append(float(f['real'].sum()) / f['static'] / x.shape[0])
     finally:
         backbone.train(was_training)
-    return total / len(inputs)
+    return out
+
+
+def spend(backbone: DiT, inputs: Sequence[torch.Tensor]) -> float:
+    """Mean real backbone FLOPs / ``C_base`` over ``inputs``, as the model is set."""
+    per_input = spends(backbone, inputs)
+    return sum(per_input) / len(per_input)
 
 
 def spend_at(backbone: DiT, inputs: Sequence[torch.Tensor], offset: float) -> float:
