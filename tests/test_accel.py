@@ -336,13 +336,17 @@ def test_reference_sparse_dwconv_matches_the_dense_conv_and_the_kernel():
 
 
 # ------------------------------------------- packed rows under autograd
-def test_rows_vary_sends_training_gemms_past_onednn(monkeypatch):
-    """With ``rows_vary`` a training GEMM takes ``F.linear`` (oneDNN would
-    build a primitive for every new kept count); without it, oneDNN's 1x1
-    convolution. Same values either way."""
+@pytest.mark.parametrize('mkl_native', [True, False])
+def test_rows_vary_sends_training_gemms_past_onednn_where_mkl_is_native(monkeypatch, mkl_native):
+    """With ``rows_vary`` and native MKL a training GEMM takes ``F.linear``
+    (oneDNN would build a primitive for every new kept count); without
+    either, oneDNN's 1x1 convolution. Same values either way."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip('no oneDNN in this build')
     x = torch.randn(400, 64, requires_grad=True)  # above onednn_applies' size
     w, b = torch.randn(32, 64, requires_grad=True), torch.randn(32, requires_grad=True)
     assert onednn.onednn_applies(x)
+    monkeypatch.setattr(onednn, 'mkl_is_native', lambda: mkl_native)
     calls = []
     real_conv = torch.nn.functional.conv2d
 
@@ -351,7 +355,8 @@ def test_rows_vary_sends_training_gemms_past_onednn(monkeypatch):
         return real_conv(*args, **kwargs)
     monkeypatch.setattr(onednn.F, 'conv2d', spy)
     varying = onednn.linear(x, w, b, rows_vary=True)
-    assert not calls
+    assert bool(calls) != mkl_native
+    calls.clear()
     fixed = onednn.linear(x, w, b)
     assert calls
     assert torch.allclose(varying, fixed, atol=ATOL)

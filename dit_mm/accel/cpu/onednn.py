@@ -29,6 +29,7 @@ moves invalidate them. ``DIT_MM_NO_PACKED=1`` turns the reordered path off.
 from __future__ import annotations
 
 import os
+import platform
 from functools import cache
 from typing import Optional
 
@@ -98,6 +99,20 @@ def plain_is_faster(rows: int, weight: torch.Tensor) -> bool:
     return rows * n <= PLAIN_MACS and (n <= PLAIN_WEIGHT or rows <= 2)
 
 
+@cache
+def mkl_is_native() -> bool:
+    """Whether ``F.linear`` runs MKL on an Intel processor (where MKL takes
+    its own fastest kernels; on other vendors' processors it takes its AVX2
+    path)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open('/proc/cpuinfo') as f:
+            return any(line.startswith('vendor_id') and 'GenuineIntel' in line for line in f)
+    except OSError:
+        return 'intel' in platform.processor().lower()
+
+
 def _pack_linear(weight: torch.Tensor) -> torch.Tensor:
     # the batch size is a layout hint; any row count gives the same values
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
@@ -119,16 +134,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             kept tokens of sparse training). oneDNN builds a convolution
             primitive per shape, and a new row count at every step cost
             6-30 ms per call (Intel Xeon, 2 threads; forward and backward,
-            ~26000 x 64 -> 512: 66 instead of 34 ms), so under autograd these
-            calls go to ``F.linear`` (MKL, no per-shape kernels: 36 ms
-            either way). No effect at inference.
+            ~26000 x 64 -> 512: 66 instead of 34 ms). Where MKL runs its
+            native kernels (:func:`mkl_is_native`) these calls go to
+            ``F.linear`` under autograd: no per-shape kernels, and as fast
+            as oneDNN at a fixed shape there (36 ms either way). Elsewhere
+            MKL's AVX2 path is the slower of the two (AMD EPYC: 0.98 against
+            0.44 ms at 3136 x 64 -> 512) and they stay on oneDNN. No effect
+            at inference.
     """
     if owner is not None and packed_applies(x):
         if plain_is_faster(x.numel() // max(x.shape[-1], 1), weight):
             return F.linear(x, weight, bias)
         packed = prepared(owner, key, _pack_linear, weight)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '')
-    if rows_vary or not onednn_applies(x):
+    if not onednn_applies(x) or (rows_vary and mkl_is_native()):
         return F.linear(x, weight, bias)
     lead, c_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, c_in)
