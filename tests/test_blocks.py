@@ -362,3 +362,32 @@ def test_masked_linear_equals_the_masked_output_in_both_forms(rows):
     ref.backward(g)
     for got, want in zip(grads, (ref_x.grad, fc.weight.grad, fc.bias.grad)):
         assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_padded_attention_equals_one_call_per_image():
+    """The packed queries of all images in one zero-padded attention call:
+    the same values and gradients (queries, keys, values) as one call per
+    image; padding is used only when it wastes little."""
+    from dit_mm.models.blocks import _attention_packed, _padded_rows
+    assert _padded_rows([10], torch.device('cpu')) is None  # one image: nothing to pad
+    assert _padded_rows([10, 2], torch.device('cpu')) is None  # 20 rows for 12 kept
+    counts = [9, 8, 7]
+    padded = _padded_rows(counts, torch.device('cpu'))
+    assert padded is not None and padded[1] == 9
+    assert padded[0].tolist() == list(range(9)) + list(range(9, 17)) + list(range(18, 25))
+    stage = _stage().train()
+    attn = stage.blocks[0].attn
+    q = torch.randn(sum(counts), 32, requires_grad=True)
+    k = torch.randn(3, 2, 5, 16, requires_grad=True)
+    v = torch.randn(3, 2, 5, 16, requires_grad=True)
+    outs, grads = [], []
+    for pad in (padded, None):
+        for t in (q, k, v):
+            t.grad = None
+        out = _attention_packed(attn, q, k, v, counts, pad)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
