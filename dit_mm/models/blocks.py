@@ -57,6 +57,7 @@ from ..accel import (
     neighbour_table,
     packed_forward,
     prepared,
+    recording,
     sparse_dwconv_gelu,
     write_rows,
 )
@@ -385,10 +386,12 @@ def _masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.
     (fewer rows than 4x the input channels: the stride-32 node), joining
     it to its bias at every call costs more than the wide pass, so the
     output is masked instead (fc1 and mask, forward and backward, at
-    512x512 -> 2048: 14.6 instead of 17.1 ms)."""
+    512x512 -> 2048: 14.6 instead of 17.1 ms). A recorded forward (trace,
+    export) always joins: a choice by row count would become a guard on the
+    input size of the exported graph."""
     if fc.bias is None:
         return linear(x * hard, fc.weight)
-    if x.numel() < 4 * x.shape[-1] ** 2:
+    if not recording() and x.numel() < 4 * x.shape[-1] ** 2:
         return _linear(fc, x) * hard
     return linear(torch.cat([x * hard, hard], dim=-1),
                   torch.cat([fc.weight, fc.bias.unsqueeze(1)], dim=1))
