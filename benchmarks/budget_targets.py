@@ -108,8 +108,7 @@ def measure(run: Path, config: str, fresh: int = 0) -> dict:
         out['calibration'][str(mu)] = dict(offset=cal.offset, **row)
         _say(run, f'mu {mu} (offset {cal.offset:+.3f})', row)
     _, calibrated = analysis.load_model(config, str(run / 'calibrated.pth'))
-    cb = find_dit(calibrated)
-    sets = _sets(cfg, fresh_cfg, calibrated)
+    cb = find_dit(calibrated)  # same config, same preprocessing: the inputs above serve
     for b in BUDGETS:
         cb.budget = b
         row = _row(cb, sets, b)

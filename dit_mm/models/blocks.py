@@ -484,13 +484,13 @@ def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
         qp = q.new_zeros(B * n_max, C).index_copy(0, pos, q)
         o = _sdpa(attn, qp.view(B, n_max, heads, hd).transpose(1, 2), k, v, dropout)
         out = o.transpose(1, 2).reshape(B * n_max, C).index_select(0, pos)
-        return _dropout(attn.proj_drop, _linear_packed(attn.proj, out))
-    outs = []  # per image; one concatenation (a single image needs no copy)
-    for qb, kb, vb, n in zip(q.split(counts), k.split(1), v.split(1), counts):
-        if n:
-            ob = _sdpa(attn, qb.view(1, n, heads, hd).transpose(1, 2), kb, vb, dropout)
-            outs.append(ob.transpose(1, 2).reshape(n, C))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    else:
+        outs = []  # per image; one concatenation (a single image needs no copy)
+        for qb, kb, vb, n in zip(q.split(counts), k.split(1), v.split(1), counts):
+            if n:
+                ob = _sdpa(attn, qb.view(1, n, heads, hd).transpose(1, 2), kb, vb, dropout)
+                outs.append(ob.transpose(1, 2).reshape(n, C))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return _dropout(attn.proj_drop, _linear_packed(attn.proj, out))
 
 
