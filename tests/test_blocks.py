@@ -391,3 +391,84 @@ def test_padded_attention_equals_one_call_per_image():
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize('hw', [(16, 16), (17, 19)])  # the SR conv drops a border at 17 x 19
+def test_touched_patches_are_the_sr_patches_that_hold_kept_tokens(hw):
+    """Brute force: a patch is touched when the SR conv's window over it
+    holds a kept token; ``rows[slots]`` are the kept tokens inside."""
+    from dit_mm.models.blocks import _touched_patches
+    sr = torch.nn.Conv2d(8, 8, 4, stride=4)
+    B, (H, W) = 2, hw
+    keep = torch.zeros(B, H * W, dtype=torch.bool)
+    keep.view(-1)[torch.tensor([0, 5, 6, 70, H * W - 1, H * W + 3 * W + 2])] = True
+    idx = keep.view(-1).nonzero().squeeze(1)
+    got = _touched_patches(idx, B, hw, sr)
+    window = torch.nn.functional.conv2d(keep.view(B, 1, H, W).float(), torch.ones(1, 1, 4, 4),
+                                        stride=4)
+    assert got.ids.tolist() == window.view(-1).nonzero().squeeze(1).tolist()
+    assert got.rows.numel() == got.ids.numel() * 16
+    inside = idx if got.inside is None else idx[got.inside]
+    assert got.rows[got.slots].tolist() == inside.tolist()
+    assert (got.inside is None) == (hw == (16, 16))  # the last token is outside at 17 x 19
+    many = torch.arange(B * H * W)
+    assert _touched_patches(many, B, hw, sr) is None  # every patch touched
+    assert _touched_patches(idx, B, hw, None) is None  # no SR conv (stride 32)
+
+
+@pytest.mark.parametrize('with_cp', [False, True])
+@pytest.mark.parametrize('hw', [(16, 16), (17, 19)])
+def test_few_kept_tokens_keys_values_without_rewriting_the_map(monkeypatch, hw, with_cp):
+    """Sparse training with few kept tokens computes keys and values from
+    the stage input's map plus the touched SR patches: the same values and
+    gradients (input, gate, SR conv and norm weights) as rewriting the map
+    at every block."""
+    from dit_mm.models import blocks
+    torch.manual_seed(0)
+    stage = _stage(sr=4).train()
+    stage.with_cp = with_cp
+    B, N = 2, hw[0] * hw[1]
+    x = torch.randn(B, N, 32, requires_grad=True)
+    gate = torch.zeros(B, N)
+    gate.view(-1)[torch.tensor([3, 40, 41, N - 1, N + 100])] = 1.0
+    gate.requires_grad_(True)
+    kept = gate.detach() > 0.5
+    assert blocks._touched_patches(kept.view(-1).nonzero().squeeze(1), B, hw,
+                                   stage.blocks[0].attn.sr) is not None
+    results = []
+    for up_to in (blocks.PATCH_KV_UP_TO, -1.0):  # -1: never patched
+        monkeypatch.setattr(blocks, 'PATCH_KV_UP_TO', up_to)
+        stage.zero_grad()
+        x.grad = gate.grad = None
+        out = stage.forward_sparse(x, hw, kept, gate=gate)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        blk = stage.blocks[1]
+        results.append((out.detach(), x.grad.clone(), gate.grad.clone(),
+                        blk.attn.sr.weight.grad.clone(), blk.norm1.weight.grad.clone()))
+    for patched, plain in zip(*results):
+        assert torch.allclose(patched, plain, atol=1e-5, rtol=1e-4)
+    assert results[0][3].abs().sum() > 0
+
+
+def test_sparse_training_blend_at_the_kept_rows_equals_the_full_blend():
+    """``forward_sparse(..., gate=g)`` equals ``blend(x, forward_sparse(x), g)``:
+    values, and gradients of the input, the gate and the weights."""
+    from dit_mm.models.blocks import blend
+    torch.manual_seed(0)
+    stage = _stage().train()
+    x = torch.randn(3, 6 * 8, 32, requires_grad=True)
+    gate = (torch.rand(3, 48) < torch.tensor([[0.3], [0.9], [0.6]])).float().requires_grad_()
+    kept = gate.detach() > 0.5
+    results = []
+    for rows in (True, False):
+        stage.zero_grad()
+        x.grad = gate.grad = None
+        out = stage.forward_sparse(x, (6, 8), kept, gate=gate) if rows else \
+            blend(x, stage.forward_sparse(x, (6, 8), kept), gate)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), gate.grad.clone(),
+                        stage.blocks[0].mlp.fc1.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert results[0][2][~kept].abs().sum() == 0  # y - x is 0 at skipped tokens
+    assert results[0][2][kept].abs().sum() > 0

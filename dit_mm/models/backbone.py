@@ -13,7 +13,7 @@ from timm.models.pvt_v2 import OverlapPatchEmbed
 
 from ..accel import conv2d, forget_prepared
 from ..utils.profiling import scope
-from .blocks import RoutedStage, blend, tokens_to_map
+from .blocks import RoutedStage, tokens_to_map
 from .budget_dial import CALIBRATE_HINT, BudgetDial
 from .cost_model import GridCost, grid_cost
 from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta, straight_through
@@ -595,8 +595,7 @@ class DiT(BaseModule):
             if self.sparse_training:
                 if not bool(kept.any()):  # y would be x: the same value and gradients, and
                     return x  # the gate's task gradient, y - x, is zero either way
-                y = stage.forward_sparse(x, hw, kept)
-                return blend(x, y, keep)
+                return stage.forward_sparse(x, hw, kept, gate=keep)
             return stage.forward_masked(x, hw, keep)
         return stage.forward_sparse(x, hw, kept)
 

@@ -34,7 +34,7 @@ skipped positions, like its own zero padding at the border.
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -204,7 +204,8 @@ class RoutedStage(nn.Module):
 
     # ----------------------------------------------------------------- sparse
     def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],
-                       keep: torch.Tensor) -> torch.Tensor:
+                       keep: torch.Tensor, gate: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
         """Packed path (inference, and training with ``sparse_training``):
         computes only the kept tokens. Float32 CPU inference runs the C++
         stage program (:mod:`dit_mm.accel.cpu.native_stage`);
@@ -217,6 +218,11 @@ class RoutedStage(nn.Module):
             hw: Map size ``(H, W)`` with ``H * W == N``.
             keep: Boolean ``(B, N)``; images may keep different numbers of
                 tokens, including none or all.
+            gate: Sparse training: the hard 0/1 gate ``(B, N)`` behind
+                ``keep``, with its straight-through gradient. The output is
+                then the blend ``x + gate * (B(x) - x)`` (:func:`blend`),
+                computed at the kept rows only: the gate's gradient
+                ``sum_c g * (B(x) - x)`` is zero at the others.
 
         Returns:
             ``(B, N, C)``: kept tokens updated, skipped tokens unchanged.
@@ -229,9 +235,10 @@ class RoutedStage(nn.Module):
         if native_applies(self, x):  # the same ops from C++ (dit_mm.accel.cpu.native_stage);
             out = packed_forward(self, x, hw, idx)  # packs at any kept fraction
             if out is not None:
-                return out
+                return out if gate is None else blend(x, out, gate)
         if idx.numel() == B * N:
-            return self.forward_dense(x, hw)
+            out = self.forward_dense(x, hw)
+            return out if gate is None else blend(x, out, gate)
         dense_above = self.dense_above if x.device.type == 'cpu' else self.dense_above_accelerator
         if idx.numel() > dense_above * B * N and not torch.is_grad_enabled():
             # packing pays off below ~90 % kept (benchmarks/bench_backbone.py);
@@ -242,7 +249,7 @@ class RoutedStage(nn.Module):
             counts = keep.sum(dim=1).tolist()
             padded = _padded_rows(counts, x.device)
             base = x.reshape(B * N, C)
-            t = base.index_select(0, idx)
+            t = t0 = base.index_select(0, idx)
         if kernel_applies(t) and all(fusable(blk.mlp) for blk in self.blocks):
             # depthwise conv + GELU at the kept tokens only, differentiable under
             # autograd (dit_mm.accel.cpu.sparse_ops)
@@ -260,17 +267,30 @@ class RoutedStage(nn.Module):
         # Keys/values read the whole map, whose skipped rows never change in
         # the stage: normalise them once, update only the kept rows per block,
         # and fold each block's norm1 affine into its SR conv / kv weights.
-        # The query linear gets the same fold.
+        # The query linear gets the same fold. Under autograd, where the kept
+        # tokens touch few of the SR conv's patches, the map is never
+        # rewritten: see _keys_values_patched.
         eps = self.blocks[0].norm1.eps
+        patched = None
         if all(foldable(blk, eps) for blk in self.blocks):
             normalise = partial(_normalise, unit=(x.new_ones(C), x.new_zeros(C)), eps=eps)
             normed = normalise(base)
             kv_fn = partial(_keys_values_folded, hw=hw)
+            if torch.is_grad_enabled():
+                with scope('dit::gather'):
+                    patched = _touched_patches(idx, B, hw, self.blocks[0].attn.sr)
+                if patched is not None:
+                    kv_fn = partial(_keys_values_patched, hw=hw, patches=patched,
+                                    rows=normed.index_select(0, patched.rows))
         else:
             normed, kv_fn = None, None
         def packed_block(blk: nn.Module, t: torch.Tensor, normed: Optional[torch.Tensor]
                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-            if normed is not None:
+            if patched is not None:  # normed stays the stage input's map
+                t_hat = normalise(t)
+                q = _query_folded(blk.attn, blk.norm1, t_hat)
+                k, v = kv_fn(blk.attn, blk.norm1, normed.view(B, N, C), t_hat)
+            elif normed is not None:
                 t_hat = normalise(t)
                 with scope('dit::scatter'):
                     normed = _write_rows(normed, idx, t_hat)
@@ -287,6 +307,8 @@ class RoutedStage(nn.Module):
         for blk in self.blocks:
             t, normed = self._maybe_checkpoint(packed_block, blk, t, normed)
         t = self.norm(t)
+        if gate is not None:
+            t = blend(t0, t, gate.reshape(-1).index_select(0, idx))
         with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
             out = base if torch.is_grad_enabled() else base.clone(
                 memory_format=torch.contiguous_format)
@@ -372,6 +394,92 @@ def blend(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     and backward took 4.6 ms against 6.2 ms for the three separate ops)."""
     dtype = torch.promote_types(x.dtype, y.dtype)
     return torch.lerp(x.to(dtype), y.to(dtype), mask.unsqueeze(-1).to(dtype))
+
+
+class TouchedPatches(NamedTuple):
+    """The SR conv's patches that hold kept tokens (:func:`_touched_patches`).
+
+    Attributes:
+        ids: Their flat positions ``b * Hs * Ws + py * Ws + px`` in the
+            reduced map, sorted.
+        rows: The flat token rows of every such patch, patch by patch in
+            ``(dy, dx)`` order: ``(P * s * s,)``.
+        slots: Where each kept token that lies in a patch sits in ``rows``.
+        inside: The packed rows of those kept tokens, or ``None`` when every
+            kept token lies in a patch (the SR conv drops a border of
+            ``H % s`` rows and ``W % s`` columns).
+    """
+    ids: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor
+    inside: Optional[torch.Tensor]
+
+
+#: Sparse training computes a node's keys and values from the stage input's
+#: normalised map plus its touched SR patches (:func:`_keys_values_patched`)
+#: when at most this fraction of the patches holds kept tokens.
+PATCH_KV_UP_TO = 0.25
+
+
+def _touched_patches(idx: torch.Tensor, batch: int, hw: Tuple[int, int],
+                     sr: Optional[nn.Module]) -> Optional[TouchedPatches]:
+    """The patches of the SR conv ``sr`` (a padding-free conv whose kernel
+    is its stride) that hold the kept flat token rows ``idx``, or ``None``
+    when there is no such conv or more than :data:`PATCH_KV_UP_TO` of the
+    patches hold kept tokens."""
+    if not isinstance(sr, nn.Conv2d) or sr.kernel_size != sr.stride \
+            or sr.kernel_size[0] != sr.kernel_size[1]:
+        return None
+    s = sr.stride[0]
+    H, W = hw
+    Hs, Ws = H // s, W // s
+    if idx.numel() > PATCH_KV_UP_TO * batch * Hs * Ws * s * s:  # a patch holds <= s * s
+        return None
+    n = H * W
+    b, r = idx // n, idx % n
+    yy, xx = r // W, r % W
+    inside = (yy < Hs * s) & (xx < Ws * s)
+    if not bool(inside.all()):
+        sel = inside.nonzero().squeeze(1)
+        b, yy, xx = b[sel], yy[sel], xx[sel]
+    else:
+        sel = None
+    pid = b * (Hs * Ws) + (yy // s) * Ws + xx // s
+    ids = torch.unique(pid)  # sorted
+    if ids.numel() > PATCH_KV_UP_TO * batch * Hs * Ws:
+        return None
+    pb, pr = ids // (Hs * Ws), ids % (Hs * Ws)
+    d = torch.arange(s, device=idx.device)
+    corner = pb * n + (pr // Ws) * s * W + (pr % Ws) * s
+    rows = (corner.view(-1, 1, 1) + d.view(1, s, 1) * W + d.view(1, 1, s)).reshape(-1)
+    slots = torch.searchsorted(ids, pid) * (s * s) + (yy % s) * s + xx % s
+    return TouchedPatches(ids, rows, slots, sel)
+
+
+def _keys_values_patched(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor,
+                         t_hat: torch.Tensor, hw: Tuple[int, int], patches: TouchedPatches,
+                         rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_keys_values_folded` of the map ``x_hat`` with the kept rows
+    replaced by ``t_hat``, without writing that map: the SR conv of
+    ``x_hat`` itself, with the outputs of the patches that hold kept tokens
+    recomputed as one GEMM over those patches (``rows``: their tokens of
+    ``x_hat``, with the kept ones replaced). The SR conv's kernel is its
+    stride, so no other output reads a kept token. Under autograd every
+    block's rewritten map was a copy of the whole map, forward and backward:
+    a stride-4 node of DiT-b2 that keeps a few tokens at 512² batch 2 spent
+    more time on those copies than on its FLOPs."""
+    B, _, C = x_hat.shape
+    w, bias = prepared(attn, 'folded_sr', fold_conv, attn.sr.weight, attn.sr.bias,
+                       norm1.weight, norm1.bias)
+    y = map_to_tokens(conv2d(attn.sr, tokens_to_map(x_hat, hw), w, bias, key='folded'))
+    c_out = y.shape[-1]
+    kept = t_hat if patches.inside is None else t_hat.index_select(0, patches.inside)
+    vec = rows.index_copy(0, patches.slots, kept).view(patches.ids.numel(), w[0].numel())
+    y_touched = linear(vec, w.permute(0, 2, 3, 1).reshape(c_out, -1), bias, rows_vary=True)
+    y = y.reshape(-1, c_out).index_copy(0, patches.ids, y_touched).view(B, -1, c_out)
+    kv = _linear(attn.kv, attn.norm(y))
+    kv = kv.reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return kv.unbind(0)
 
 
 def _masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
