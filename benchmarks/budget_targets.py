@@ -11,7 +11,9 @@ RUN_DIR is a ``tools/main_job.sh`` work dir (``iter_300.pth`` and the
 For each run:
 
 * **calibration**: calibrate ``iter_300.pth`` to M in {0.5, 0.75, 1.0} on
-  the training images (as ``tools/calibrate_budget.py --split train``), then
+  the training images the run's own calibration used (its
+  ``calibration.json``: the main job's first 144; as
+  ``tools/calibrate_budget.py --split train``), then
   measure the spend on the val images (target: M +- 0.03);
 * **the dial**: on ``calibrated.pth`` set ``backbone.budget = B`` for B in
   {0.4, 0.6, 0.8} (the offset read off the stored curve, no recalibration)
@@ -23,7 +25,7 @@ Spend = mean real backbone FLOPs / C_base over the images, eval mode.
 nor calibration saw and that are not the val images either: a toy set drawn
 from the same generator with another seed (``data/toy_fresh``). Next to
 each mean it records its standard error over the images. This separates the
-two reasons a val spend can miss its target: the 48 val images being an
+two reasons a val spend can miss its target: the val images being an
 unlucky sample (then the fresh images spend what the training images do),
 or the model spending differently on images it was not trained on (then the
 fresh images miss the same way as the val images).
@@ -68,8 +70,16 @@ def fresh_config(cfg, root: Path, num_images: int):
     return fresh
 
 
-def _sets(cfg, fresh_cfg, model) -> dict:
-    sets = dict(train=collect_inputs(cfg, model, 'train'), val=collect_inputs(cfg, model, 'val'))
+def calibration_images(run: Path) -> int | None:
+    """How many training images the run's own calibration used (its
+    ``calibration.json``; ``None``: all)."""
+    report = run / 'calibration.json'
+    return json.loads(report.read_text()).get('num_images') if report.exists() else None
+
+
+def _sets(cfg, fresh_cfg, model, num_train: int | None = None) -> dict:
+    sets = dict(train=collect_inputs(cfg, model, 'train', num_train),
+                val=collect_inputs(cfg, model, 'val'))
     if fresh_cfg is not None:
         sets['fresh'] = collect_inputs(fresh_cfg, model, 'val')
     return sets
@@ -97,9 +107,9 @@ def measure(run: Path, config: str, fresh: int = 0) -> dict:
     cfg, model = analysis.load_model(config, str(run / 'iter_300.pth'))
     backbone = find_dit(model)
     fresh_cfg = fresh_config(cfg, Path('data/toy_fresh'), fresh) if fresh else None
-    sets = _sets(cfg, fresh_cfg, model)
-    out: dict = dict(run=str(run), as_trained=_row(backbone, sets, None), calibration={},
-                     dial={})
+    sets = _sets(cfg, fresh_cfg, model, calibration_images(run))
+    out: dict = dict(run=str(run), num_train=len(sets['train']),
+                     as_trained=_row(backbone, sets, None), calibration={}, dial={})
     _say(run, 'as trained', out['as_trained'])
     for mu in MUS:
         cal = calibrate(model, sets['train'], mu, progress=None, curve_gap=10.0)  # no curve

@@ -36,8 +36,9 @@ $PY tools/train.py "$CFG" --work-dir "$WD" --cfg-options \
 CKPT="$WD/iter_$ITERS.pth"
 CAL="$WD/calibrated.pth"
 
-step "4/6 calibrate to mu=$MU on the toy training images"
-$PY tools/calibrate_budget.py "$CFG" "$CKPT" --mu "$MU" --split train --out "$CAL" \
+step "4/6 calibrate to mu=$MU on 144 of the toy training images"
+$PY tools/calibrate_budget.py "$CFG" "$CKPT" --mu "$MU" --split train --num-images 144 \
+  --out "$CAL" \
   --report "$WD/calibration.json"
 
 step "5/6 evaluate (bbox + segm mAP on the toy val set), as trained and calibrated"
@@ -45,13 +46,13 @@ $PY tools/test.py "$CFG" "$CKPT" --work-dir "$WD/test" --metrics-json "$WD/metri
 $PY tools/test.py "$CFG" "$CAL" --work-dir "$WD/test" --metrics-json "$WD/metrics.json"
 
 step "6/6 FLOPs reports and routing pictures (calibrated model)"
-$PY tools/get_flops.py "$CFG" --checkpoint "$CKPT" --num-images 48 --backbone-only \
+$PY tools/get_flops.py "$CFG" --checkpoint "$CKPT" --num-images 144 --backbone-only \
   --out "$WD/flops_trained.json"
 CKPT="$CAL"
-$PY tools/get_flops.py "$CFG" --checkpoint "$CKPT" --num-images 48 --out "$WD/flops.json"
+$PY tools/get_flops.py "$CFG" --checkpoint "$CKPT" --num-images 144 --out "$WD/flops.json"
 $PY tools/visualize_routing.py "$CFG" --checkpoint "$CKPT" --index 0 --out "$WD/routing_0.png"
 $PY tools/visualize_routing.py "$CFG" --checkpoint "$CKPT" --index 5 --out "$WD/routing_5.png"
-$PY tools/routing_stats.py "$CFG" --checkpoint "$CKPT" --num-images 48 --out-dir "$WD/routing_stats"
+$PY tools/routing_stats.py "$CFG" --checkpoint "$CKPT" --num-images 144 --out-dir "$WD/routing_stats"
 
 $PY - "$WD" <<'PYEOF'
 import json, sys

@@ -3,7 +3,7 @@
 Examples::
 
     # COCO instances + ADE20K-style semantic segmentation (the main job's data)
-    python tools/make_toy_data.py --out data/toy --num-train 144 --num-val 48 --size 256 320
+    python tools/make_toy_data.py --out data/toy --num-train 576 --num-val 144 --size 256 320
     # mmpretrain CustomDataset folders, one shape per image at 6 px .. 0.9 x the image
     python tools/make_toy_data.py --task classification --out data/toy_cls
 """
@@ -22,7 +22,7 @@ except ImportError:  # running from a checkout without an installed dit_mm
     from dit_mm.datasets.toy_data import generate_toy_dataset
 
 # defaults per task: (out, num_train, num_val, (H, W))
-DEFAULTS = {'detection': ('data/toy', 144, 48, (256, 320)),
+DEFAULTS = {'detection': ('data/toy', 576, 144, (256, 320)),
             'classification': ('data/toy_cls', 1800, 600, (96, 96))}
 
 
@@ -33,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='detection: COCO + semantic seg (default); classification: '
                         'mmpretrain class folders')
     parser.add_argument('--out', help='output folder (default: data/toy, or data/toy_cls)')
-    parser.add_argument('--num-train', type=int, help='training images (default: 144 / 1800)')
-    parser.add_argument('--num-val', type=int, help='validation images (default: 48 / 600)')
+    parser.add_argument('--num-train', type=int, help='training images (default: 576 / 1800)')
+    parser.add_argument('--num-val', type=int, help='validation images (default: 144 / 600)')
     parser.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
                         help='image height and width (default: 256 320 / 96 96)')
     parser.add_argument('--seed', type=int, default=0, help='random seed')

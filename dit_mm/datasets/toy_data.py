@@ -364,8 +364,8 @@ def _exclusive(root: Path) -> Iterator[None]:
 
 
 def generate_toy_dataset(root: str | Path,
-                         num_train: int = 144,
-                         num_val: int = 48,
+                         num_train: int = 576,
+                         num_val: int = 144,
                          image_size: tuple[int, int] = (256, 320),
                          seed: int = 0,
                          overwrite: bool = False) -> dict[str, Any]:
