@@ -232,3 +232,13 @@ def test_budget_targets_fresh_images_are_new_and_the_config_reads_them(tmp_path,
             assert pa.shape != pb.shape or not np.array_equal(pa, pb)
     mean, se = budget_targets.mean_se([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(se - 1.0 / 3 ** 0.5) < 1e-12
+
+
+def test_budget_targets_calibrate_on_the_runs_own_calibration_images(tmp_path, monkeypatch):
+    """budget_targets calibrates on as many training images as the run's
+    own calibration used (its calibration.json), all of them without one."""
+    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
+    import budget_targets
+    assert budget_targets.calibration_images(tmp_path) is None
+    (tmp_path / 'calibration.json').write_text(json.dumps(dict(num_images=144, mu=1.0)))
+    assert budget_targets.calibration_images(tmp_path) == 144
