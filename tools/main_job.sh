@@ -38,8 +38,7 @@ CAL="$WD/calibrated.pth"
 
 step "4/6 calibrate to mu=$MU on 144 of the toy training images"
 $PY tools/calibrate_budget.py "$CFG" "$CKPT" --mu "$MU" --split train --num-images 144 \
-  --out "$CAL" \
-  --report "$WD/calibration.json"
+  --out "$CAL" --report "$WD/calibration.json"
 
 step "5/6 evaluate (bbox + segm mAP on the toy val set), as trained and calibrated"
 $PY tools/test.py "$CFG" "$CKPT" --work-dir "$WD/test" --metrics-json "$WD/metrics_trained.json"
