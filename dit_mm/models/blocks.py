@@ -269,33 +269,29 @@ class RoutedStage(nn.Module):
         # and fold each block's norm1 affine into its SR conv / kv weights.
         # The query linear gets the same fold. Under autograd, where the kept
         # tokens touch few of the SR conv's patches, the map is never
-        # rewritten: see _keys_values_patched.
+        # rewritten: see _replace_touched.
         eps = self.blocks[0].norm1.eps
-        patched = None
+        touched, touched_rows = None, None
         if all(foldable(blk, eps) for blk in self.blocks):
             normalise = partial(_normalise, unit=(x.new_ones(C), x.new_zeros(C)), eps=eps)
             normed = normalise(base)
-            kv_fn = partial(_keys_values_folded, hw=hw)
             if torch.is_grad_enabled():
                 with scope('dit::gather'):
-                    patched = _touched_patches(idx, B, hw, self.blocks[0].attn.sr)
-                if patched is not None:
-                    kv_fn = partial(_keys_values_patched, hw=hw, patches=patched,
-                                    rows=normed.index_select(0, patched.rows))
+                    touched = _touched_patches(idx, B, hw, self.blocks[0].attn.sr)
+                if touched is not None:  # the touched patches' tokens of the input map
+                    touched_rows = normed.index_select(0, touched.rows)
         else:
-            normed, kv_fn = None, None
+            normed = None
         def packed_block(blk: nn.Module, t: torch.Tensor, normed: Optional[torch.Tensor]
                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-            if patched is not None:  # normed stays the stage input's map
+            if normed is not None:
                 t_hat = normalise(t)
+                if touched is None:
+                    with scope('dit::scatter'):
+                        normed = _write_rows(normed, idx, t_hat)
+                kept = None if touched is None else (touched, touched_rows, t_hat)
                 q = _query_folded(blk.attn, blk.norm1, t_hat)
-                k, v = kv_fn(blk.attn, blk.norm1, normed.view(B, N, C), t_hat)
-            elif normed is not None:
-                t_hat = normalise(t)
-                with scope('dit::scatter'):
-                    normed = _write_rows(normed, idx, t_hat)
-                q = _query_folded(blk.attn, blk.norm1, t_hat)
-                k, v = kv_fn(blk.attn, blk.norm1, normed.view(B, N, C))
+                k, v = _keys_values_folded(blk.attn, blk.norm1, normed.view(B, N, C), hw, kept)
             else:
                 with scope('dit::scatter'):
                     full = base.index_copy(0, idx, t).view(B, N, C)
@@ -416,7 +412,7 @@ class TouchedPatches(NamedTuple):
 
 
 #: Sparse training computes a node's keys and values from the stage input's
-#: normalised map plus its touched SR patches (:func:`_keys_values_patched`)
+#: normalised map plus its touched SR patches (:func:`_replace_touched`)
 #: when at most this fraction of the patches holds kept tokens.
 PATCH_KV_UP_TO = 0.25
 
@@ -456,31 +452,23 @@ def _touched_patches(idx: torch.Tensor, batch: int, hw: Tuple[int, int],
     return TouchedPatches(ids, rows, slots, sel)
 
 
-def _keys_values_patched(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor,
-                         t_hat: torch.Tensor, hw: Tuple[int, int], patches: TouchedPatches,
-                         rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_keys_values_folded` of the map ``x_hat`` with the kept rows
-    replaced by ``t_hat``, without writing that map: the SR conv of
-    ``x_hat`` itself, with the outputs of the patches that hold kept tokens
-    recomputed as one GEMM over those patches (``rows``: their tokens of
-    ``x_hat``, with the kept ones replaced). The SR conv's kernel is its
-    stride, so no other output reads a kept token. Under autograd every
-    block's rewritten map is a copy of the whole map, forward and backward,
-    whatever few tokens the node keeps. With the blend at the kept rows, a
-    whole sparse-training step of DiT-b2 at mu = 0.86 (512² batch 2) went
-    from 1.064 to 0.988 x a static step."""
-    B, _, C = x_hat.shape
-    w, bias = prepared(attn, 'folded_sr', fold_conv, attn.sr.weight, attn.sr.bias,
-                       norm1.weight, norm1.bias)
-    y = map_to_tokens(conv2d(attn.sr, tokens_to_map(x_hat, hw), w, bias, key='folded'))
+def _replace_touched(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     patches: TouchedPatches, rows: torch.Tensor,
+                     t_hat: torch.Tensor) -> torch.Tensor:
+    """The SR conv's output tokens ``y (B, Hs * Ws, C_out)`` of a map, with
+    the outputs of the ``patches`` that hold kept tokens recomputed for the
+    kept rows ``t_hat``: one GEMM over those patches' tokens (``rows``, with
+    the kept ones replaced). The conv's kernel is its stride, so no other
+    output reads a kept token, and the map itself is never rewritten: under
+    autograd every block's rewritten map is a copy of the whole map, forward
+    and backward, whatever few tokens the node keeps. With the blend at the
+    kept rows, a whole sparse-training step of DiT-b2 at mu = 0.86 (512²
+    batch 2) went from 1.064 to 0.988 x a static step."""
     c_out = y.shape[-1]
     kept = t_hat if patches.inside is None else t_hat.index_select(0, patches.inside)
-    vec = rows.index_copy(0, patches.slots, kept).view(patches.ids.numel(), w[0].numel())
-    y_touched = linear(vec, w.permute(0, 2, 3, 1).reshape(c_out, -1), bias, rows_vary=True)
-    y = y.reshape(-1, c_out).index_copy(0, patches.ids, y_touched.to(y.dtype)).view(B, -1, c_out)
-    kv = _linear(attn.kv, attn.norm(y))
-    kv = kv.reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return kv.unbind(0)
+    vec = rows.index_copy(0, patches.slots, kept).view(patches.ids.numel(), weight[0].numel())
+    y_touched = linear(vec, weight.permute(0, 2, 3, 1).reshape(c_out, -1), bias, rows_vary=True)
+    return y.reshape(-1, c_out).index_copy(0, patches.ids, y_touched.to(y.dtype)).view_as(y)
 
 
 def _masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
@@ -515,18 +503,24 @@ def _write_rows(buffer: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> 
 
 
 def _keys_values_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor,
-                        hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                        hw: Tuple[int, int],
+                        kept: Optional[Tuple[TouchedPatches, torch.Tensor, torch.Tensor]] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`_keys_values` of ``norm1(x)`` from the normalised map ``x_hat``
     (``LayerNorm`` without affine): ``gamma`` scales the input channels of
     the SR conv (or kv linear) and ``beta`` moves into its bias, so no
     full-map affine pass is needed. The folded weights are prepared once per
-    weight version at inference."""
+    weight version at inference. With ``kept = (patches, rows, t_hat)``
+    (an SR conv only), of the map ``x_hat`` with its kept rows replaced by
+    ``t_hat`` (:func:`_replace_touched`)."""
     B = x_hat.shape[0]
     if attn.sr is not None:
         w, bias = prepared(attn, 'folded_sr', fold_conv, attn.sr.weight, attn.sr.bias,
                            norm1.weight, norm1.bias)
-        y = conv2d(attn.sr, tokens_to_map(x_hat, hw), w, bias, key='folded')
-        kv = _linear(attn.kv, attn.norm(map_to_tokens(y)))
+        y = map_to_tokens(conv2d(attn.sr, tokens_to_map(x_hat, hw), w, bias, key='folded'))
+        if kept is not None:
+            y = _replace_touched(y, w, bias, *kept)
+        kv = _linear(attn.kv, attn.norm(y))
     else:
         w, bias = prepared(attn, 'folded_kv', fold_linear, attn.kv.weight, attn.kv.bias,
                            norm1.weight, norm1.bias)
