@@ -496,3 +496,39 @@ def test_sparse_training_blend_at_the_kept_rows_equals_the_full_blend():
         assert torch.allclose(a, b, atol=1e-6)
     assert results[0][2][~kept].abs().sum() == 0  # y - x is 0 at skipped tokens
     assert results[0][2][kept].abs().sum() > 0
+
+
+@pytest.mark.parametrize('few', [False, True])
+def test_sparse_training_with_an_image_that_keeps_nothing_matches_the_masked_path(few):
+    """Keys and values are computed only for the images that keep tokens;
+    values and gradients (input, weights, the gate at kept tokens) equal the
+    masked path's, with an image of the batch that keeps none. ``few``: a
+    token or two in one image (the touched-patch keys and values)."""
+    torch.manual_seed(0)
+    stage = _stage(sr=4).train()
+    B, hw = 3, (16, 16)
+    N = hw[0] * hw[1]
+    x = torch.randn(B, N, 32, requires_grad=True)
+    gate = torch.zeros(B, N)
+    if few:
+        gate[2, [17, 18]] = 1.0
+    else:
+        gate[0] = (torch.rand(N) < 0.6).float()
+        gate[2] = (torch.rand(N) < 0.3).float()
+    gate.requires_grad_(True)
+    kept = gate.detach() > 0.5
+    weights = [stage.blocks[0].attn.sr.weight, stage.blocks[1].mlp.fc1.weight,
+               stage.blocks[1].norm1.weight]
+    results = []
+    for sparse in (True, False):
+        stage.zero_grad()
+        x.grad = gate.grad = None
+        out = stage.forward_sparse(x, hw, kept, gate=gate) if sparse else \
+            stage.forward_masked(x, hw, gate)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), gate.grad[kept].clone(),
+                        *[w.grad.clone() for w in weights]))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert torch.equal(results[0][0][1], x.detach()[1])  # the image that keeps none
+    assert results[0][3].abs().sum() > 0

@@ -244,12 +244,45 @@ class RoutedStage(nn.Module):
             # packing pays off below ~90 % kept (benchmarks/bench_backbone.py);
             # above, dense compute with held tokens gives the same values
             return self._forward_held(x, hw, (~keep).reshape(-1).nonzero().squeeze(1))
+        return self._forward_packed(x, hw, keep, idx, gate)
+
+    def _forward_packed(self, x: torch.Tensor, hw: Tuple[int, int], keep: torch.Tensor,
+                        idx: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+        """The Python packed path of :meth:`forward_sparse` for the kept flat
+        rows ``idx`` (at least one). The keys and values, the map-wise part,
+        are computed for the images that keep tokens only: an image that keeps
+        none is its input, whatever its keys. In sparse training a closed
+        grid node often keeps a token or two of one image of the batch (the
+        Gumbel noise), and then paid the map-wise part of every image."""
+        B, N, C = x.shape
+        base = x.reshape(B * N, C)
+        with scope('dit::gather'):
+            t0 = base.index_select(0, idx)
+            active = keep.any(dim=1)
+            if B > 1 and not bool(active.all()):
+                imgs = active.nonzero().squeeze(1)
+                x, keep = x.index_select(0, imgs), keep.index_select(0, imgs)
+                local = keep.reshape(-1).nonzero().squeeze(1)  # the same rows, in order
+            else:
+                local = idx
+        t = self._packed_rows(x, hw, keep, local, t0)
+        if gate is not None:
+            t = blend(t0, t, gate.reshape(-1).index_select(0, idx))
+        with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
+            out = base if torch.is_grad_enabled() else base.clone(
+                memory_format=torch.contiguous_format)
+            return _write_rows(out, idx, t).view(B, N, C)
+
+    def _packed_rows(self, x: torch.Tensor, hw: Tuple[int, int], keep: torch.Tensor,
+                     idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The stage's output ``(K, C)`` at the kept flat rows ``idx`` of
+        ``x (B, N, C)``, whose input rows are ``t``."""
+        B, N, C = x.shape
         K = idx.numel()
         with scope('dit::gather'):
             counts = keep.sum(dim=1).tolist()
             padded = _padded_rows(counts, x.device)
             base = x.reshape(B * N, C)
-            t = t0 = base.index_select(0, idx)
         if kernel_applies(t) and all(fusable(blk.mlp) for blk in self.blocks):
             # depthwise conv + GELU at the kept tokens only, differentiable under
             # autograd (dit_mm.accel.cpu.sparse_ops)
@@ -302,13 +335,9 @@ class RoutedStage(nn.Module):
 
         for blk in self.blocks:
             t, normed = self._maybe_checkpoint(packed_block, blk, t, normed)
-        t = self.norm(t)
-        if gate is not None:
-            t = blend(t0, t, gate.reshape(-1).index_select(0, idx))
-        with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
-            out = base if torch.is_grad_enabled() else base.clone(
-                memory_format=torch.contiguous_format)
-            return _write_rows(out, idx, t).view(B, N, C)
+        return self.norm(t)
+
+
 
 
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
