@@ -303,14 +303,22 @@ class RoutedStage(nn.Module):
         # The query linear gets the same fold. Under autograd, where the kept
         # tokens touch few of the SR conv's patches, the map is never
         # rewritten: see _replace_touched.
+        # Under autograd, where they touch many, each block's map is its kept
+        # rows interleaved with the skipped rows' normalised input
+        # (_interleave_rows): one pass, and no chain of whole-map copies.
         eps = self.blocks[0].norm1.eps
-        touched, touched_rows = None, None
+        touched, touched_rows, skipped = None, None, None
         if all(foldable(blk, eps) for blk in self.blocks):
             normalise = partial(_normalise, unit=(x.new_ones(C), x.new_zeros(C)), eps=eps)
-            normed = normalise(base)
             if torch.is_grad_enabled():
                 with scope('dit::gather'):
                     touched = _touched_patches(idx, B, hw, self.blocks[0].attn.sr)
+            if touched is None and torch.is_grad_enabled():
+                with scope('dit::gather'):
+                    skipped = (~keep).reshape(-1).nonzero().squeeze(1)
+                normed = normalise(base.index_select(0, skipped))  # the held rows only
+            else:
+                normed = normalise(base)
                 if touched is not None:  # the touched patches' tokens of the input map
                     touched_rows = normed.index_select(0, touched.rows)
         else:
@@ -319,12 +327,16 @@ class RoutedStage(nn.Module):
                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
             if normed is not None:
                 t_hat = normalise(t)
-                if touched is None:
+                full = normed
+                if skipped is not None:
                     with scope('dit::scatter'):
-                        normed = _write_rows(normed, idx, t_hat)
+                        full = _interleave_rows(t_hat, idx, normed, skipped)
+                elif touched is None:
+                    with scope('dit::scatter'):
+                        normed = full = _write_rows(normed, idx, t_hat)
                 kept = None if touched is None else (touched, touched_rows, t_hat)
                 q = _query_folded(blk.attn, blk.norm1, t_hat)
-                k, v = _keys_values_folded(blk.attn, blk.norm1, normed.view(B, N, C), hw, kept)
+                k, v = _keys_values_folded(blk.attn, blk.norm1, full.view(B, N, C), hw, kept)
             else:
                 with scope('dit::scatter'):
                     full = base.index_copy(0, idx, t).view(B, N, C)
@@ -521,6 +533,37 @@ def _masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.
         return _linear(fc, x) * hard
     return linear(torch.cat([x * hard, hard], dim=-1),
                   torch.cat([fc.weight, fc.bias.unsqueeze(1)], dim=1))
+
+
+class _InterleaveRows(torch.autograd.Function):
+    """``out[idx] = a, out[jdx] = b`` for complementary row sets: one write
+    of the map forward, one gather per input backward."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, idx: torch.Tensor, b: torch.Tensor,
+                jdx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx, jdx)
+        out = a.new_empty(idx.numel() + jdx.numel(), a.shape[1])
+        write_rows(out, idx, a)
+        return write_rows(out, jdx, b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        idx, jdx = ctx.saved_tensors
+        ga = grad.index_select(0, idx) if ctx.needs_input_grad[0] else None
+        gb = grad.index_select(0, jdx) if ctx.needs_input_grad[2] else None
+        return ga, None, gb, None
+
+
+def _interleave_rows(a: torch.Tensor, idx: torch.Tensor, b: torch.Tensor,
+                     jdx: torch.Tensor) -> torch.Tensor:
+    """The ``(len(idx) + len(jdx), C)`` map with rows ``a`` at ``idx`` and
+    ``b`` at ``jdx`` (complementary, distinct rows), differentiable in both.
+    Sparse training builds each block's key/value input map this way from
+    the kept rows and the skipped rows of the stage input. It replaced a
+    copy of the whole map per block, whose backward passed a whole-map
+    gradient back through every earlier block's copy."""
+    return _InterleaveRows.apply(a, idx, b, jdx)
 
 
 def _write_rows(buffer: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
