@@ -533,3 +533,47 @@ def test_sparse_training_with_an_image_that_keeps_nothing_matches_the_masked_pat
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     assert torch.equal(results[0][0][1], x.detach()[1])  # the image that keeps none
     assert results[0][3].abs().sum() > 0
+
+
+@pytest.mark.parametrize('kernel', [True, False])
+def test_padded_packed_rows_change_no_value_or_gradient(monkeypatch, kernel):
+    """Padding rows (:func:`dit_mm.accel.bucket_rows`) are isolated: sparse
+    training with 37 of them gives the values and gradients (input, gate,
+    weights) of the unpadded rows; with the dense-conv MLP (no kernel) the
+    padding is dropped."""
+    from dit_mm.models import blocks
+    torch.manual_seed(0)
+    stage = _stage(sr=2).train()
+    if not kernel:
+        monkeypatch.setattr(blocks, 'kernel_applies', lambda t: False)
+    x = torch.randn(2, 8 * 8, 32, requires_grad=True)
+    gate = (torch.rand(2, 64) < torch.tensor([[0.7], [0.4]])).float().requires_grad_()
+    kept = gate.detach() > 0.5
+    weights = [stage.blocks[0].attn.q.weight, stage.blocks[1].mlp.fc1.weight,
+               stage.blocks[1].mlp.dwconv.weight, stage.blocks[0].attn.sr.weight]
+    results = []
+    for pad in (0, 37):
+        monkeypatch.setattr(blocks, 'bucket_rows', lambda rows, x, pad=pad: rows + pad)
+        stage.zero_grad()
+        x.grad = gate.grad = None
+        out = stage.forward_sparse(x, (8, 8), kept, gate=gate)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), gate.grad.clone(),
+                        *[w.grad.clone() for w in weights]))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bucket_rows_pads_a_little_to_repeating_counts():
+    from dit_mm.accel.cpu import onednn
+    x = torch.zeros(1, 4096, onednn.ONEDNN_PACKED_UP_TO)
+    if not onednn.onednn_applies(x):
+        pytest.skip('no oneDNN')
+    for rows in list(range(onednn.BUCKET_FROM, 40000, 997)) + [27500, 32700, 32768]:
+        padded = onednn.bucket_rows(rows, x)
+        assert rows <= padded <= rows * 1.032
+        assert onednn._bucketed(padded, torch.zeros(512, onednn.ONEDNN_PACKED_UP_TO))
+    assert {onednn.bucket_rows(r, x) for r in range(27000, 27500)} <= {27136, 27648}
+    assert onednn.bucket_rows(onednn.BUCKET_FROM - 1, x) == onednn.BUCKET_FROM - 1
+    with torch.no_grad():  # inference: no padding
+        assert onednn.bucket_rows(27500, x) == 27500

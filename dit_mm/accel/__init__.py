@@ -12,6 +12,7 @@ operation                               reference
 ======================================  ====================================
 ``linear``, ``linear_module``           ``F.linear``
 ``conv2d``                              the module (or ``F.conv2d``), + GELU
+``bucket_rows``                         the row count itself
 ``write_rows``                          ``index_copy_``
 ``kernel_applies``                      ``False``: the model's dense
                                         depthwise conv on a zero-filled map
@@ -79,16 +80,16 @@ EXECUTORS = {'cpu': cpu}
 
 #: What an executor provides: the dtypes it takes, and one function per
 #: dispatched operation (same signatures as :mod:`dit_mm.accel.cpu`).
-EXECUTOR_API = ('DTYPES', 'linear', 'linear_module', 'conv2d', 'write_rows', 'kernel_applies',
-                'neighbour_table', 'sparse_dwconv_gelu', 'native_applies', 'packed_forward',
-                'forget')
+EXECUTOR_API = ('DTYPES', 'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows',
+                'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu', 'native_applies',
+                'packed_forward', 'forget')
 
 _enabled = os.environ.get('DIT_MM_ACCEL', '1') != '0'
 
 __all__ = ['EXECUTORS', 'EXECUTOR_API', 'enabled', 'set_enabled', 'recording', 'executor',
-           'linear', 'linear_module', 'conv2d', 'write_rows', 'kernel_applies',
-           'neighbour_table', 'sparse_dwconv_gelu', 'native_applies', 'packed_forward',
-           'forget_stage', 'prepared', 'forget_prepared', 'foldable', 'fold_conv',
+           'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows',
+           'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu', 'native_applies',
+           'packed_forward', 'forget_stage', 'prepared', 'forget_prepared', 'foldable', 'fold_conv',
            'fold_linear', 'fusable', 'exact_gelu']
 
 
@@ -154,6 +155,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if ex is None:
         return reference.linear(x, weight, bias)
     return ex.linear(x, weight, bias, owner, key, rows_vary=rows_vary)
+
+
+def bucket_rows(rows: int, x: torch.Tensor) -> int:
+    """The row count, ``>= rows``, at which the packed path runs ``rows``
+    kept tokens of ``x``: an executor whose kernels are built per shape may
+    pad them to a few repeating sizes (sparse training on the CPU:
+    :func:`dit_mm.accel.cpu.onednn.bucket_rows`). The padding rows are the
+    model's to isolate; the reference pads nothing."""
+    ex = executor(x)
+    return rows if ex is None else ex.bucket_rows(rows, x)
 
 
 def linear_module(layer: nn.Linear, x: torch.Tensor, rows_vary: bool = False) -> torch.Tensor:

@@ -43,6 +43,7 @@ import torch.utils.checkpoint as cp
 from timm.models.pvt_v2 import Block
 
 from ..accel import (
+    bucket_rows,
     conv2d,
     exact_gelu,
     fold_conv,
@@ -256,8 +257,10 @@ class RoutedStage(nn.Module):
         Gumbel noise), and then paid the map-wise part of every image."""
         B, N, C = x.shape
         base = x.reshape(B * N, C)
+        K = idx.numel()
         with scope('dit::gather'):
-            t0 = base.index_select(0, idx)
+            pad = bucket_rows(K, x) - K  # padding rows: copies of the last kept row
+            t0 = base.index_select(0, idx if not pad else torch.cat([idx, idx[-1:].expand(pad)]))
             active = keep.any(dim=1)
             if B > 1 and not bool(active.all()):
                 imgs = active.nonzero().squeeze(1)
@@ -267,7 +270,7 @@ class RoutedStage(nn.Module):
                 local = idx
         t = self._packed_rows(x, hw, keep, local, t0)
         if gate is not None:
-            t = blend(t0, t, gate.reshape(-1).index_select(0, idx))
+            t = blend(t0[:K], t, gate.reshape(-1).index_select(0, idx))
         with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
             out = base if torch.is_grad_enabled() else base.clone(
                 memory_format=torch.contiguous_format)
@@ -276,18 +279,35 @@ class RoutedStage(nn.Module):
     def _packed_rows(self, x: torch.Tensor, hw: Tuple[int, int], keep: torch.Tensor,
                      idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The stage's output ``(K, C)`` at the kept flat rows ``idx`` of
-        ``x (B, N, C)``, whose input rows are ``t``."""
+        ``x (B, N, C)``, whose input rows are the first ``K`` of ``t``.
+
+        Rows of ``t`` past ``K`` are padding (:func:`dit_mm.accel.bucket_rows`):
+        they go through the token-wise layers as queries of the last image
+        and read nothing else; no kept row reads them (the depthwise conv's
+        neighbour table and the key/value map hold kept rows only), and
+        their outputs are dropped, so they get zero gradients and add
+        nothing to the weights' gradients."""
         B, N, C = x.shape
         K = idx.numel()
+        pad = t.shape[0] - K
         with scope('dit::gather'):
             counts = keep.sum(dim=1).tolist()
+            counts[-1] += pad
             padded = _padded_rows(counts, x.device)
             base = x.reshape(B * N, C)
-        if kernel_applies(t) and all(fusable(blk.mlp) for blk in self.blocks):
+        mlp_kernel = kernel_applies(t) and all(fusable(blk.mlp) for blk in self.blocks)
+        if pad and not mlp_kernel:  # the dense conv's hidden map holds kept rows only
+            t = t[:K]
+            counts[-1] -= pad
+            padded = _padded_rows(counts, x.device)
+            pad = 0
+        if mlp_kernel:
             # depthwise conv + GELU at the kept tokens only, differentiable under
             # autograd (dit_mm.accel.cpu.sparse_ops)
             with scope('dit::gather'):
                 nbr = neighbour_table(idx, B, hw)
+                if pad:  # no neighbours, and no kept row's neighbour
+                    nbr = torch.cat([nbr, nbr.new_full((pad, nbr.shape[1]), -1)])
             # one output buffer for every block at inference (autograd keeps each block's)
             hidden = None if torch.is_grad_enabled() else t.new_empty(
                 K, self.blocks[0].mlp.fc1.out_features)
@@ -327,19 +347,20 @@ class RoutedStage(nn.Module):
                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
             if normed is not None:
                 t_hat = normalise(t)
+                rows = t_hat[:K]
                 full = normed
                 if skipped is not None:
                     with scope('dit::scatter'):
-                        full = _interleave_rows(t_hat, idx, normed, skipped)
+                        full = _interleave_rows(rows, idx, normed, skipped)
                 elif touched is None:
                     with scope('dit::scatter'):
-                        normed = full = _write_rows(normed, idx, t_hat)
-                kept = None if touched is None else (touched, touched_rows, t_hat)
+                        normed = full = _write_rows(normed, idx, rows)
+                kept = None if touched is None else (touched, touched_rows, rows)
                 q = _query_folded(blk.attn, blk.norm1, t_hat)
                 k, v = _keys_values_folded(blk.attn, blk.norm1, full.view(B, N, C), hw, kept)
             else:
                 with scope('dit::scatter'):
-                    full = base.index_copy(0, idx, t).view(B, N, C)
+                    full = base.index_copy(0, idx, t[:K]).view(B, N, C)
                 q = _linear_packed(blk.attn.q, blk.norm1(t))
                 k, v = _keys_values(blk.attn, blk.norm1(full), hw)
             t = t + _attention_packed(blk.attn, q, k, v, counts, padded)
@@ -347,7 +368,7 @@ class RoutedStage(nn.Module):
 
         for blk in self.blocks:
             t, normed = self._maybe_checkpoint(packed_block, blk, t, normed)
-        return self.norm(t)
+        return self.norm(t[:K])
 
 
 

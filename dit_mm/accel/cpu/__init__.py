@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import onednn
 from .native_stage import forget, native_applies, packed_forward
-from .onednn import linear, linear_module
+from .onednn import bucket_rows, linear, linear_module
 from .sparse_ops import (
     dwconv_gelu_map,
     kernel_applies,
@@ -47,5 +47,6 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
     return onednn.conv2d(conv, x, weight, bias, key, gelu)
 
 
-__all__ = ['DTYPES', 'linear', 'linear_module', 'conv2d', 'write_rows', 'kernel_applies',
-           'neighbour_table', 'sparse_dwconv_gelu', 'native_applies', 'packed_forward', 'forget']
+__all__ = ['DTYPES', 'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows',
+           'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu', 'native_applies',
+           'packed_forward', 'forget']

@@ -118,6 +118,51 @@ def _pack_linear(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
 
 
+#: :func:`bucket_rows` pads packed row counts from this many rows up.
+BUCKET_FROM = 2048
+
+#: Where MKL runs natively, oneDNN beats it on bucketed packed rows only up
+#: to this many channels on the narrow side of the GEMM (Intel Xeon, 2
+#: threads, 84 % of 512² batch 2 kept, forward and backward, MKL / oneDNN:
+#: 64 -> 512 at 27648 rows 31.4 / 23.9 ms, 512 -> 64 24.5 / 19.6 ms; 128 ->
+#: 1024 at 6656 rows 19.8 / 17.7 ms, 1024 -> 128 16.1 / 16.2 ms; 320 -> 1280
+#: at 1720 rows 12.7 / 12.5 ms, 1280 -> 320 11.6 / 13.2 ms; 512 -> 2048 at
+#: 430 rows 8.0 / 9.0 ms). A whole stride-8 node was no faster with them.
+ONEDNN_PACKED_UP_TO = 64
+
+
+def _bucket(rows: int) -> int:
+    """1/32 to 1/64 of ``rows``, as a power of two."""
+    return 1 << (rows.bit_length() - 6)
+
+
+def bucket_rows(rows: int, x: torch.Tensor) -> int:
+    """The row count, ``>= rows``, at which sparse training runs the packed
+    token-wise layers of ``rows`` kept tokens of ``x``: rounded up to a
+    multiple of :func:`_bucket` (at most 3 % more rows) under autograd,
+    from :data:`BUCKET_FROM` rows up, where :func:`linear` then runs them on
+    oneDNN (float32 CPU; where MKL runs natively, for stages of at most
+    :data:`ONEDNN_PACKED_UP_TO` channels); else ``rows``.
+
+    oneDNN builds a primitive per shape, so a count that changes at every
+    step built new ones at every step, or ran on MKL (``rows_vary``),
+    which is slower at these shapes. Bucketed counts repeat between steps.
+    The stride-4 node of DiT-b2 alone at 84 % kept (512² batch 2, forward
+    and backward) went from 399.5 to 388.1 ms."""
+    if rows < BUCKET_FROM or not torch.is_grad_enabled() or not onednn_applies(x) \
+            or (mkl_is_native() and x.shape[-1] > ONEDNN_PACKED_UP_TO):
+        return rows
+    step = _bucket(rows)
+    return -(-rows // step) * step
+
+
+def _bucketed(rows: int, weight: torch.Tensor) -> bool:
+    """Whether ``rows`` is a count :func:`bucket_rows` pads to, for a GEMM
+    with ``weight`` that oneDNN runs faster than native MKL."""
+    return rows >= BUCKET_FROM and rows % _bucket(rows) == 0 \
+        and min(weight.shape) <= ONEDNN_PACKED_UP_TO
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            owner: Optional[nn.Module] = None, key: str = 'linear',
            rows_vary: bool = False) -> torch.Tensor:
@@ -136,22 +181,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             6-30 ms per call (Intel Xeon, 2 threads; forward and backward,
             ~26000 x 64 -> 512: 66 instead of 34 ms). Where MKL runs its
             native kernels (:func:`mkl_is_native`) these calls go to
-            ``F.linear`` under autograd: no per-shape kernels, and as fast
-            as oneDNN at a fixed shape there (36 ms either way). Elsewhere
+            ``F.linear`` under autograd: no per-shape kernels, though slower
+            than oneDNN at a fixed shape (see :func:`bucket_rows`). Elsewhere
             MKL's AVX2 path is the slower of the two (AMD EPYC: 0.98 against
-            0.44 ms at 3136 x 64 -> 512) and they stay on oneDNN. No effect
-            at inference.
+            0.44 ms at 3136 x 64 -> 512) and they stay on oneDNN. Row counts
+            padded by :func:`bucket_rows` repeat between steps and stay on
+            oneDNN everywhere. No effect at inference.
     """
     if owner is not None and packed_applies(x):
         if plain_is_faster(x.numel() // max(x.shape[-1], 1), weight):
             return F.linear(x, weight, bias)
         packed = prepared(owner, key, _pack_linear, weight)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '')
-    if not onednn_applies(x) or (rows_vary and mkl_is_native()):
+    if not onednn_applies(x):
         return F.linear(x, weight, bias)
     lead, c_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, c_in)
     m = rows.shape[0]
+    if rows_vary and mkl_is_native() and not _bucketed(m, weight):
+        return F.linear(x, weight, bias)
     y = F.conv2d(rows.view(1, m, 1, c_in).permute(0, 3, 1, 2),
                  weight.view(weight.shape[0], c_in, 1, 1), bias)
     return y.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
