@@ -25,13 +25,15 @@ the variants is the backbone). Variants:
 Step times are medians of ``--rounds`` interleaved rounds after one warm-up
 round, in one process per allocator mode: ``keep`` keeps freed memory for
 reuse (:func:`dit_mm.engine.runtime.keep_freed_memory`, what ``tools/train.py``
-sets on the CPU), ``system`` is glibc's default, which returns freed blocks to
-the kernel so that every step page-faults its activations back in. Peak
+sets on the CPU) on a heap grown up front (:func:`prefault_heap`), ``system``
+is glibc's default, which returns freed blocks to the kernel so that every
+step page-faults its activations back in. Peak
 memory is the growth of the RSS during one step over the RSS before it, each
 variant in its own process (after a warm-up step), under ``system`` (under
 ``keep`` the heap already holds the warm-up step's peak). Next to each time:
-the FLOPs the step's forward computes and the FLOPs of the routes it takes,
-as multiples of ``C_base``. The node table times one masked training step of
+the FLOPs the step's forward computes and the FLOPs of the routes it takes
+(for a gated variant, the mean over its timed steps), as multiples of
+``C_base``. The node table times one masked training step of
 every grid node alone (forward and backward on an input of the node's shape)
 against its share of the full grid's FLOPs, under the first allocator mode.
 
@@ -48,6 +50,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -61,6 +64,8 @@ ALLOCATORS = ('keep', 'system')
 VARIANTS = ('pvtv2_mmdet', 'static', 'full', 'masked', 'masked_cp', 'sparse_init',
             'sparse_mu086', 'sparse_mu086_cp')
 MU = 0.86
+#: interleaved warm-up rounds before the timed ones
+WARMUP = 1
 #: the arch benchmarked (``--arch``; the tests use b0)
 ARCH = 'b2'
 
@@ -113,12 +118,18 @@ def build_variant(name: str, size: Tuple[int, int]):
     return dit.train(), routing == 'dynamic'
 
 
-def step_fn(model, gated: bool, x: torch.Tensor) -> Callable[[], None]:
+def step_fn(model, gated: bool, x: torch.Tensor,
+            routes: Optional[List[float]] = None) -> Callable[[], None]:
+    """One training step of ``model`` on ``x``; for a gated model, appends
+    the real FLOPs of the routes it took (x ``C_base``) to ``routes``."""
     def step() -> None:
         model.zero_grad(set_to_none=True)
         loss = sum(o.float().square().mean() for o in model(x))
         if gated:
             loss = loss + 2.0 * model.budget_loss(MU)
+            if routes is not None:
+                spent = model.flops()
+                routes.append(spent['real'] / spent['static'])
         loss.backward()
         # nothing of the step outlives it: under the keep allocator, gradients left
         # between the variants' steps pinned the heap (12.8 GB at 512x512x2)
@@ -142,13 +153,25 @@ def routed_flops(model, gated: bool, x: torch.Tensor) -> Dict[str, float]:
 
 
 def bench_times(shape: Tuple[int, int, int], variants: Sequence[str], rounds: int) -> dict:
+    """Interleaved step times of ``variants``. The routes of a gated
+    variant are the mean real FLOPs of its timed steps: they vary from step
+    to step with the sampled decisions (a grid node that keeps one token
+    pays its map-wise part), and one extra forward measured 0.86-0.90 x
+    ``C_base`` for the same gates."""
     h, w, b = shape
     x = torch.randn(b, 3, h, w)
     models = {n: build_variant(n, (h, w)) for n in variants}
-    steps = {n: step_fn(m, g, x) for n, (m, g) in models.items()}
+    routes: Dict[str, List[float]] = {n: [] for n in variants}
+    steps = {n: step_fn(m, g, x, routes[n]) for n, (m, g) in models.items()}
     samples: Dict[str, List[float]] = {}
-    times = interleaved(steps, rounds, warmup=1, spread=samples)
+    times = interleaved(steps, rounds, warmup=WARMUP, spread=samples)
     flops = {n: routed_flops(m, g, x) for n, (m, g) in models.items()}
+    for n, spent in routes.items():
+        if spent and models[n][0].sparse_training:  # the timed steps' own routes
+            timed_routes = statistics.mean(spent[-rounds:])
+            flops[n] = dict(routes=timed_routes, computed=timed_routes)
+        elif spent:
+            flops[n]['routes'] = statistics.mean(spent[-rounds:])
     base = times.get('static')
     rows = {}
     for n in variants:
@@ -191,10 +214,37 @@ def _times_child(malloc: str, shape: Tuple[int, int, int], variants: Sequence[st
     from dit_mm.engine.runtime import keep_freed_memory
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    if malloc == 'keep' and not keep_freed_memory():
-        queue.put(None)  # not glibc
-        return
+    if malloc == 'keep':
+        if not keep_freed_memory():
+            queue.put(None)  # not glibc
+            return
+        prefault_heap(_prefault_bytes(shape))
     queue.put(dict(bench_times(shape, variants, rounds), malloc=malloc))
+
+
+def _prefault_bytes(shape: Tuple[int, int, int]) -> int:
+    """What :func:`prefault_heap` touches for an input ``(h, w, batch)``:
+    8 GiB at 512x512 batch 2, in proportion to the pixels, and at most 60 %
+    of the machine's memory."""
+    h, w, b = shape
+    want = 8 * 2 ** 30 * h * w * b / (512 * 512 * 2)
+    try:
+        total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 2 ** 30
+    return int(min(want, 0.6 * total))
+
+
+def prefault_heap(nbytes: int) -> None:
+    """Grows the heap by ``nbytes`` of touched pages and frees them: under
+    the ``keep`` allocator they stay with the process, and the variants'
+    steps reuse them instead of faulting fresh pages in whenever one of
+    them grows the heap. Without it a static step that followed the full
+    grid's faulted up to 120k pages in, in rounds long after the first
+    (1.40-1.79 s against 1.39-1.43 s with it, 512x512 batch 2)."""
+    block = torch.empty(max(nbytes // 4, 1))
+    block.fill_(0.0)
+    del block
 
 
 def bench_times_per_allocator(shape: Tuple[int, int, int], variants: Sequence[str],

@@ -242,3 +242,21 @@ def test_budget_targets_calibrate_on_the_runs_own_calibration_images(tmp_path, m
     assert budget_targets.calibration_images(tmp_path) is None
     (tmp_path / 'calibration.json').write_text(json.dumps(dict(num_images=144, mu=1.0)))
     assert budget_targets.calibration_images(tmp_path) == 144
+
+
+def test_bench_train_routes_are_those_of_the_timed_steps(monkeypatch):
+    """A gated variant's routes are recorded at each step it takes (they
+    vary with the sampled decisions), from the step's own forward."""
+    import torch
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    import bench_train
+    monkeypatch.setattr(bench_train, 'ARCH', 'b0')
+    model, gated = bench_train.build_variant('sparse_mu086', (64, 64))
+    routes: list = []
+    step = bench_train.step_fn(model, gated, torch.randn(2, 3, 64, 64), routes)
+    step()
+    step()
+    assert len(routes) == 2
+    spent = model.flops()
+    assert routes[-1] == pytest.approx(spent['real'] / spent['static'])
+    assert all(0.3 < r < 1.5 for r in routes)
