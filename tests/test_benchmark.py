@@ -155,7 +155,11 @@ def test_bench_train_reports_times_memory_flops_and_nodes(tmp_path):
         memory_target = ['masked with_cp peak memory / static'] if res['memory'][
             '64x64x1']['static'] > 0 else []  # a 64x64 static step may not grow the RSS
         assert names == ['full step / static', 'masked step / full step', *memory_target,
-                         'sparse mu=0.86 step / static']
+                         'sparse mu=0.86 step / static',
+                         'sparse mu=0.86 step / (its routes x static)']
+        sparse = rows['sparse_mu086']
+        assert sparse['step_per_route_s'] == pytest.approx(
+            sparse['samples_s'][0] / sparse['routes_samples'][0])  # one round
         full = run['targets'][0]
         assert full['value'] == pytest.approx(rows['full']['step_s'] / rows['static']['step_s'])
         assert full['bound'] == pytest.approx(1.2 * rows['full']['flops_computed'])
