@@ -229,11 +229,12 @@ def test_keep_freed_memory_keeps_more_than_two_gib():
     assert int(out[-1]) < pages // 10, f'{out[-1]} page faults for {pages} pages'
 
 
-def test_linear_matches_f_linear_with_gradients():
+@pytest.mark.parametrize('c_out', [160, 512])  # 512: the bias as an input channel
+def test_linear_matches_f_linear_with_gradients(c_out):
     from dit_mm.accel.cpu.onednn import linear, onednn_applies
     x = torch.randn(3, 300, 96, requires_grad=True)  # above the oneDNN size
-    w = torch.randn(160, 96, requires_grad=True)
-    b = torch.randn(160, requires_grad=True)
+    w = torch.randn(c_out, 96, requires_grad=True)
+    b = torch.randn(c_out, requires_grad=True)
     assert onednn_applies(x) == torch.backends.mkldnn.is_available()
     y = linear(x, w, b)
     ref = torch.nn.functional.linear(x, w, b)
