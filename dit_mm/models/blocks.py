@@ -552,8 +552,26 @@ def _masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.
         return linear(x * hard, fc.weight)
     if not recording() and x.numel() < 4 * x.shape[-1] ** 2:
         return _linear(fc, x) * hard
-    return linear(torch.cat([x * hard, hard], dim=-1),
-                  torch.cat([fc.weight, fc.bias.unsqueeze(1)], dim=1))
+    joined = torch.cat([x * hard, hard], dim=-1) if recording() else _MaskedJoin.apply(x, hard)
+    return linear(joined, torch.cat([fc.weight, fc.bias.unsqueeze(1)], dim=1))
+
+
+class _MaskedJoin(torch.autograd.Function):
+    """``cat([x * hard, hard], -1)`` for a detached 0/1 mask ``hard``, written
+    in one pass (the product and the concatenation were two)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hard)
+        out = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+        torch.mul(x, hard, out=out[..., :-1])
+        out[..., -1:] = hard
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hard, = ctx.saved_tensors
+        return grad[..., :-1] * hard, None
 
 
 class _InterleaveRows(torch.autograd.Function):
