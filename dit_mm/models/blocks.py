@@ -371,8 +371,6 @@ class RoutedStage(nn.Module):
         return self.norm(t[:K])
 
 
-
-
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """Tokens ``(B, N, C)`` -> ``(B, C, H, W)`` as a channels-last view.
 

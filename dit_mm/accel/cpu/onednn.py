@@ -209,7 +209,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     m = rows.shape[0]
     if rows_vary and mkl_is_native() and not _bucketed(m, weight):
         return F.linear(x, weight, bias)
-    if bias is not None and c_in <= BIAS_AS_INPUT_UP_TO and weight.shape[0] >= 4 * c_in:
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled() \
+            and c_in <= BIAS_AS_INPUT_UP_TO and weight.shape[0] >= 4 * c_in:
         # the bias as one more input channel: its gradient comes out of the
         # weight-gradient GEMM instead of a reduction over the wide output
         rows = torch.cat([rows, rows.new_ones(m, 1)], dim=1)
