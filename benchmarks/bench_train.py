@@ -22,8 +22,8 @@ the variants is the backbone). Variants:
   spend mu = 0.86 (the paper's Mask R-CNN budget; diagonal open, the rest at
   the keep probability that fills the budget), without / with ``with_cp``.
 
-Step times are medians of ``--rounds`` interleaved rounds after one warm-up
-round, in one process per allocator mode: ``keep`` keeps freed memory for
+Step times are medians of ``--rounds`` interleaved rounds after two warm-up
+rounds, in one process per allocator mode: ``keep`` keeps freed memory for
 reuse (:func:`dit_mm.engine.runtime.keep_freed_memory`, what ``tools/train.py``
 sets on the CPU) on a heap grown up front (:func:`prefault_heap`), ``system``
 is glibc's default, which returns freed blocks to the kernel so that every

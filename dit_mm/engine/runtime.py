@@ -236,7 +236,8 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
 
 
 def keep_freed_memory() -> bool:
-    """Tells glibc's ``malloc`` to keep freed memory for reuse (CPU inference).
+    """Tells glibc's ``malloc`` to keep freed memory for reuse (CPU inference
+    and training).
 
     By default glibc serves large blocks with fresh ``mmap`` pages and returns
     freed heap tops to the kernel, so every forward page-faults its
@@ -254,7 +255,7 @@ def keep_freed_memory() -> bool:
     training step frees more than that: with it, the full grid of DiT-b2 at
     512x512, batch 2, page-faulted 540-660k pages back in at every step
     (4.9-5.8 s per step), and the static steps interleaved with it 0-120k
-    (1.42-1.49 s); never trimming, 3.7 s and 1.35-1.37 s once the heap had
+    (1.42-1.61 s); never trimming, 3.7 s and 1.35-1.37 s once the heap had
     settled (Intel Xeon, 2 threads).
 
     Returns:
