@@ -540,8 +540,8 @@ def test_sparse_training_with_an_image_that_keeps_nothing_matches_the_masked_pat
 def test_padded_packed_rows_change_no_value_or_gradient(monkeypatch, kernel):
     """Padding rows (:func:`dit_mm.accel.bucket_rows`) are isolated: sparse
     training with 37 of them gives the values and gradients (input, gate,
-    weights) of the unpadded rows; with the dense-conv MLP (no kernel) the
-    padding is dropped."""
+    weights) of the unpadded rows; with the dense-conv MLP (no kernel)
+    nothing is padded."""
     from dit_mm.models import blocks
     torch.manual_seed(0)
     stage = _stage(sr=2).train()

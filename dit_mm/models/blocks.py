@@ -258,8 +258,12 @@ class RoutedStage(nn.Module):
         B, N, C = x.shape
         base = x.reshape(B * N, C)
         K = idx.numel()
+        # the depthwise conv + GELU at the kept tokens only (dit_mm.accel.cpu.sparse_ops),
+        # else a dense conv on a hidden map that holds kept rows only (no padding)
+        mlp_kernel = kernel_applies(x) and all(fusable(blk.mlp) for blk in self.blocks)
         with scope('dit::gather'):
-            pad = bucket_rows(K, x) - K  # padding rows: copies of the last kept row
+            # padding rows: copies of the last kept row
+            pad = bucket_rows(K, x) - K if mlp_kernel else 0
             t0 = base.index_select(0, idx if not pad else torch.cat([idx, idx[-1:].expand(pad)]))
             active = keep.any(dim=1)
             if B > 1 and not bool(active.all()):
@@ -268,7 +272,7 @@ class RoutedStage(nn.Module):
                 local = keep.reshape(-1).nonzero().squeeze(1)  # the same rows, in order
             else:
                 local = idx
-        t = self._packed_rows(x, hw, keep, local, t0)
+        t = self._packed_rows(x, hw, keep, local, t0, mlp_kernel)
         if gate is not None:
             t = blend(t0[:K], t, gate.reshape(-1).index_select(0, idx))
         with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
@@ -277,9 +281,10 @@ class RoutedStage(nn.Module):
             return _write_rows(out, idx, t).view(B, N, C)
 
     def _packed_rows(self, x: torch.Tensor, hw: Tuple[int, int], keep: torch.Tensor,
-                     idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                     idx: torch.Tensor, t: torch.Tensor, mlp_kernel: bool) -> torch.Tensor:
         """The stage's output ``(K, C)`` at the kept flat rows ``idx`` of
-        ``x (B, N, C)``, whose input rows are the first ``K`` of ``t``.
+        ``x (B, N, C)``, whose input rows are the first ``K`` of ``t``;
+        ``mlp_kernel``: the MLP's depthwise conv runs at the kept rows.
 
         Rows of ``t`` past ``K`` are padding (:func:`dit_mm.accel.bucket_rows`):
         they go through the token-wise layers as queries of the last image
@@ -295,15 +300,7 @@ class RoutedStage(nn.Module):
             counts[-1] += pad
             padded = _padded_rows(counts, x.device)
             base = x.reshape(B * N, C)
-        mlp_kernel = kernel_applies(t) and all(fusable(blk.mlp) for blk in self.blocks)
-        if pad and not mlp_kernel:  # the dense conv's hidden map holds kept rows only
-            t = t[:K]
-            counts[-1] -= pad
-            padded = _padded_rows(counts, x.device)
-            pad = 0
-        if mlp_kernel:
-            # depthwise conv + GELU at the kept tokens only, differentiable under
-            # autograd (dit_mm.accel.cpu.sparse_ops)
+        if mlp_kernel:  # differentiable under autograd
             with scope('dit::gather'):
                 nbr = neighbour_table(idx, B, hw)
                 if pad:  # no neighbours, and no kept row's neighbour
