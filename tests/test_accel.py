@@ -12,7 +12,7 @@ import torch
 from conftest import make_dit, spread_gates
 from dit_mm import accel
 from dit_mm.accel import cache, reference
-from dit_mm.accel.cpu import native_stage, onednn, sparse_ops
+from dit_mm.accel.cpu import masked_ops, native_stage, onednn, sparse_ops
 from dit_mm.models.blocks import RoutedStage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,9 +256,66 @@ def test_dense_training_gradients_agree_with_the_reference(monkeypatch, kwargs):
     model.train()
     x = torch.randn(2, 3, 64, 96)
     calls = _spy_fused_kernel(monkeypatch)
+    held = []
+    real = masked_ops._HeldNorm.apply
+    monkeypatch.setattr(masked_ops._HeldNorm, 'apply', lambda *a: held.append(1) or real(*a))
     on, off = _on_off(lambda: _gradients(model, x))
     assert calls and len(on) == len(off) > 0
+    assert bool(held) == (kwargs['routing'] == 'dynamic')  # the masked path's node outputs
     assert _close(on, off)
+
+
+# ------------------------------------------------- the masked node output
+def _held_chain(C: int, mask_grad: bool):
+    """A node's last block output ``x`` (held at ``x0`` where the gate is
+    0, as in forward_masked), its gate and a norm with a random affine."""
+    torch.manual_seed(C)
+    norm = torch.nn.LayerNorm(C, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x0 = torch.randn(2, 45, C, requires_grad=True)
+    logit = torch.randn(2, 45, requires_grad=mask_grad)
+    hard = (logit > 0).float()
+    hard[1] = 0.0  # an image that holds every token
+    branch = torch.randn(2, 45, C, requires_grad=True)
+    return norm, x0, logit, hard, branch
+
+
+@pytest.mark.parametrize('C,mask_grad', [(64, True), (320, True), (7, True), (64, False)])
+def test_held_norm_kernel_agrees_with_the_reference(C, mask_grad):
+    """The fused node output of the masked path gives the reference's
+    values (exactly x0 at held rows) and gradients for the node input, the
+    gate, the blocks and the norm's affine, though it returns the held
+    rows' gradient through ``x`` instead of ``x0``."""
+    if not sparse_ops.extension_available():
+        pytest.skip('C++ extension unavailable')
+    norm, x0, logit, hard, branch = _held_chain(C, mask_grad)
+    g = torch.randn(2, 45, C)
+    inputs = (x0, branch, norm.weight, norm.bias) + ((logit,) if mask_grad else ())
+    results = []
+    for fn in (masked_ops.held_norm, reference.held_norm):
+        mask = hard + logit - logit.detach() if mask_grad else hard
+        x = torch.addcmul(x0 * 1.0, hard.unsqueeze(-1), branch.tanh())  # held rows: x0
+        out = fn(norm, x, x0, mask)
+        results.append((out, *torch.autograd.grad(out, inputs, g)))
+    (out, *grads), (ref, *ref_grads) = results
+    held = hard == 0
+    assert torch.equal(out[held], x0[held])
+    assert torch.allclose(out, ref, atol=ATOL)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), (a - b).abs().max()
+
+
+def test_held_norm_takes_the_reference_where_the_kernel_does_not_apply():
+    norm, x0, logit, hard, branch = _held_chain(16, True)
+    x = x0 + branch
+    with torch.no_grad():  # inference: the masked path is the export form only
+        assert not masked_ops.held_norm_applies(norm, x, x0, hard)
+    plain = torch.nn.LayerNorm(16, elementwise_affine=False)
+    assert not masked_ops.held_norm_applies(plain, x, x0, hard)
+    assert not masked_ops.held_norm_applies(norm, x.double(), x0.double(), hard.double())
+    assert torch.equal(masked_ops.held_norm(plain, x, x0, hard),
+                       reference.held_norm(plain, x, x0, hard))
 
 
 # ------------------------------------------- the executors are not entered

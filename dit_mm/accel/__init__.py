@@ -14,6 +14,7 @@ operation                               reference
 ``conv2d``                              the module (or ``F.conv2d``), + GELU
 ``bucket_rows``                         the row count itself
 ``write_rows``                          ``index_copy_``
+``held_norm``                           ``LayerNorm``, then ``lerp``
 ``kernel_applies``                      ``False``: the model's dense
                                         depthwise conv on a zero-filled map
 ``neighbour_table``,                    :mod:`.reference` (the model calls
@@ -81,13 +82,13 @@ EXECUTORS = {'cpu': cpu}
 #: What an executor provides: the dtypes it takes, and one function per
 #: dispatched operation (same signatures as :mod:`dit_mm.accel.cpu`).
 EXECUTOR_API = ('DTYPES', 'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows',
-                'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu', 'native_applies',
-                'packed_forward', 'forget')
+                'held_norm', 'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu',
+                'native_applies', 'packed_forward', 'forget')
 
 _enabled = os.environ.get('DIT_MM_ACCEL', '1') != '0'
 
 __all__ = ['EXECUTORS', 'EXECUTOR_API', 'enabled', 'set_enabled', 'recording', 'executor',
-           'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows',
+           'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows', 'held_norm',
            'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu', 'native_applies',
            'packed_forward', 'forget_stage', 'prepared', 'forget_prepared', 'foldable', 'fold_conv',
            'fold_linear', 'fusable', 'exact_gelu']
@@ -194,6 +195,20 @@ def write_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch
     if ex is None:
         return reference.write_rows(dst, idx, src)
     return ex.write_rows(dst, idx, src)
+
+
+def held_norm(norm: nn.Module, x: torch.Tensor, x0: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
+    """The masked training path's node output ``x0 + mask * (norm(x) - x0)``
+    per token, for a 0/1 ``mask (B, N)`` that may carry a straight-through
+    gradient and the last block's output ``x (B, N, C)``, which equals the
+    node input ``x0`` where the mask is 0 and passes its gradient there on
+    to ``x0`` unchanged (an executor may return the gradient of those rows
+    as the gradient of ``x``, and none for ``x0``)."""
+    ex = executor(x)
+    if ex is None:
+        return reference.held_norm(norm, x, x0, mask)
+    return ex.held_norm(norm, x, x0, mask)
 
 
 def kernel_applies(h: torch.Tensor) -> bool:

@@ -79,3 +79,15 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: nn.Conv2d,
     if conv.bias is not None:
         y = y + conv.bias
     return F.gelu(y) if gelu else y
+
+
+def held_norm(norm: nn.Module, x: torch.Tensor, x0: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
+    """``x0 + mask * (norm(x) - x0)`` per token for a 0/1 ``mask (B, N)``,
+    as one ``lerp`` in the promoted dtype (exactly ``norm(x)`` where
+    ``mask == 1`` and ``x0`` where it is 0): the masked training path's
+    node output, ``x`` its last block's output (equal to ``x0`` where the
+    mask is 0)."""
+    y = norm(x)
+    dtype = torch.promote_types(x0.dtype, y.dtype)
+    return torch.lerp(x0.to(dtype), y.to(dtype), mask.unsqueeze(-1).to(dtype))

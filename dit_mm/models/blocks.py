@@ -52,6 +52,7 @@ from ..accel import (
     forget_prepared,
     forget_stage,
     fusable,
+    held_norm,
     kernel_applies,
     linear,
     native_applies,
@@ -175,8 +176,8 @@ class RoutedStage(nn.Module):
 
         for blk in self.blocks:
             h = self._maybe_checkpoint(held_block, blk, h)
-        h = self.norm(h)
-        return blend(x0, h, mask)
+        # blend(x0, self.norm(h), mask): h is x0 at the held tokens
+        return held_norm(self.norm, h, x0, mask)
 
     def _maybe_checkpoint(self, fn, *args):
         """``fn(*args)``, checkpointed with ``with_cp`` when a tensor

@@ -6,6 +6,8 @@
   ``csrc/``): the depthwise 3x3 conv + GELU at kept tokens, the neighbour
   table, row scatter (``DIT_MM_NO_EXT=1``: no extension, so no stage
   program either);
+* :mod:`.masked_ops`: the masked training path's node output (final norm
+  and held rows) in one C++ pass each way, from the same extension;
 * :mod:`.native_stage`: a grid node's packed forward as one C++ call
   (``DIT_MM_NO_NATIVE=1`` or ``RoutedStage.native = False`` turn it off).
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import onednn
+from .masked_ops import held_norm
 from .native_stage import forget, native_applies, packed_forward
 from .onednn import bucket_rows, linear, linear_module
 from .sparse_ops import (
@@ -47,6 +50,6 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
     return onednn.conv2d(conv, x, weight, bias, key, gelu)
 
 
-__all__ = ['DTYPES', 'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows',
+__all__ = ['DTYPES', 'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows', 'held_norm',
            'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu', 'native_applies',
            'packed_forward', 'forget']

@@ -51,7 +51,7 @@ from ..cache import prepared
 #: program calls the kernels).
 SOURCES = ('sparse_kernels.cpp', 'packed_stage.cpp')
 _FUNCTIONS = ['dwconv', 'dwconv_weight_grad', 'dwconv_gelu_backward', 'neighbours',
-              'scatter_rows', 'packed_stage']
+              'scatter_rows', 'held_norm_forward', 'held_norm_backward', 'packed_stage']
 _CFLAGS = ['-O3', '-march=native', '-fopenmp']
 
 #: Whether training runs the fused conv + GELU kernel (:class:`_SparseDWConvGELU`):

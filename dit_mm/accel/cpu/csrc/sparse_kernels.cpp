@@ -1,5 +1,7 @@
 // Kernels of the packed path (dit_mm/accel/cpu/sparse_ops.py): sparse 3x3 depthwise
-// conv + GELU and the gradient of its taps, row scatter, neighbour table. Built once per machine by
+// conv + GELU and the gradient of its taps, row scatter, neighbour table; and of the
+// masked training path (dit_mm/accel/cpu/masked_ops.py): a node's final norm with its
+// held rows. Built once per machine by
 // torch.utils.cpp_extension.load_inline, together with packed_stage.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -344,4 +346,127 @@ torch::Tensor neighbours(torch::Tensor idx, int64_t batch, int64_t H, int64_t W)
     }
   });
   return out;
+}
+
+// The masked training path's node output (dit_mm.accel.held_norm): a row r
+// of the (R, C) map x is LayerNorm(x[r]) where keep[r] != 0, else the held
+// row x0[r] (x equals x0 there). Returns (out, mean, rstd); the statistics
+// are of every row, for the gate gradient of held rows in the backward.
+std::vector<torch::Tensor> held_norm_forward(torch::Tensor x, torch::Tensor x0,
+                                             torch::Tensor keep, torch::Tensor w,
+                                             torch::Tensor b, double eps) {
+  TORCH_CHECK(x.is_contiguous() && x0.is_contiguous() && keep.is_contiguous() &&
+              w.is_contiguous() && b.is_contiguous());
+  const int64_t C = x.size(-1), R = x.numel() / C;
+  TORCH_CHECK(x0.sizes() == x.sizes() && keep.numel() == R && w.numel() == C &&
+              b.numel() == C && x.scalar_type() == torch::kFloat &&
+              x0.scalar_type() == torch::kFloat && keep.scalar_type() == torch::kFloat);
+  auto out = torch::empty_like(x);
+  auto mean = torch::empty({R}, x.options());
+  auto rstd = torch::empty({R}, x.options());
+  const float* __restrict__ xp = x.data_ptr<float>();
+  const float* __restrict__ x0p = x0.data_ptr<float>();
+  const float* __restrict__ kp = keep.data_ptr<float>();
+  const float* __restrict__ wp = w.data_ptr<float>();
+  const float* __restrict__ bp = b.data_ptr<float>();
+  float* __restrict__ op = out.data_ptr<float>();
+  float* __restrict__ mp = mean.data_ptr<float>();
+  float* __restrict__ rp = rstd.data_ptr<float>();
+  const float inv_c = 1.0f / static_cast<float>(C);
+  at::parallel_for(0, R, 4096 / C + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict__ xr = xp + r * C;
+      float s = 0.0f, v = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < C; ++c) s += xr[c];
+      const float m = s * inv_c;
+#pragma omp simd reduction(+ : v)
+      for (int64_t c = 0; c < C; ++c) v += (xr[c] - m) * (xr[c] - m);
+      const float rs = 1.0f / std::sqrt(v * inv_c + static_cast<float>(eps));
+      mp[r] = m;
+      rp[r] = rs;
+      float* __restrict__ o = op + r * C;
+      if (kp[r] != 0.0f) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = (xr[c] - m) * rs * wp[c] + bp[c];
+      } else {
+        std::memcpy(o, x0p + r * C, C * sizeof(float));
+      }
+    }
+  });
+  return {out, mean, rstd};
+}
+
+// Backward of held_norm_forward in one pass over g, x and x0: the LayerNorm
+// backward at kept rows; at held rows the incoming gradient itself (x passes
+// it on to x0 there); the gate gradient gm[r] = sum_c g * (LayerNorm(x) - x0)
+// at every row (when mask_grad); and the affine gradients of kept rows, one
+// (2, C) slice per chunk of rows (the caller adds them up).
+std::vector<torch::Tensor> held_norm_backward(torch::Tensor g, torch::Tensor x,
+                                              torch::Tensor x0, torch::Tensor keep,
+                                              torch::Tensor mean, torch::Tensor rstd,
+                                              torch::Tensor w, torch::Tensor b,
+                                              bool mask_grad, int64_t chunks) {
+  TORCH_CHECK(g.is_contiguous() && x.is_contiguous() && x0.is_contiguous() &&
+              keep.is_contiguous() && mean.is_contiguous() && rstd.is_contiguous() &&
+              w.is_contiguous() && b.is_contiguous() && chunks >= 1);
+  const int64_t C = x.size(-1), R = x.numel() / C;
+  TORCH_CHECK(g.sizes() == x.sizes() && x0.sizes() == x.sizes() && keep.numel() == R &&
+              mean.numel() == R && rstd.numel() == R && w.numel() == C && b.numel() == C &&
+              g.scalar_type() == torch::kFloat);
+  auto gx = torch::empty_like(x);
+  auto gm = torch::empty({mask_grad ? R : 0}, x.options());
+  auto partial = torch::zeros({chunks, 2, C}, x.options());
+  const float* __restrict__ gp = g.data_ptr<float>();
+  const float* __restrict__ xp = x.data_ptr<float>();
+  const float* __restrict__ x0p = x0.data_ptr<float>();
+  const float* __restrict__ kp = keep.data_ptr<float>();
+  const float* __restrict__ mp = mean.data_ptr<float>();
+  const float* __restrict__ rp = rstd.data_ptr<float>();
+  const float* __restrict__ wp = w.data_ptr<float>();
+  const float* __restrict__ bp = b.data_ptr<float>();
+  float* __restrict__ gxp = gx.data_ptr<float>();
+  float* __restrict__ gmp = gm.data_ptr<float>();
+  float* __restrict__ pp = partial.data_ptr<float>();
+  const float inv_c = 1.0f / static_cast<float>(C);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      float* __restrict__ dw = pp + ch * 2 * C;
+      float* __restrict__ db = dw + C;
+      for (int64_t r = R * ch / chunks; r < R * (ch + 1) / chunks; ++r) {
+        const float* __restrict__ gr = gp + r * C;
+        const float* __restrict__ xr = xp + r * C;
+        const float m = mp[r], rs = rp[r];
+        float* __restrict__ o = gxp + r * C;
+        if (mask_grad) {
+          const float* __restrict__ x0r = x0p + r * C;
+          float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t c = 0; c < C; ++c) s += gr[c] * ((xr[c] - m) * rs * wp[c] + bp[c] - x0r[c]);
+          gmp[r] = s;
+        }
+        if (kp[r] == 0.0f) {
+          std::memcpy(o, gr, C * sizeof(float));
+          continue;
+        }
+        float sg = 0.0f, sgx = 0.0f;
+#pragma omp simd reduction(+ : sg, sgx)
+        for (int64_t c = 0; c < C; ++c) {
+          const float gy = gr[c] * wp[c];
+          sg += gy;
+          sgx += gy * (xr[c] - m) * rs;
+        }
+        sg *= inv_c;
+        sgx *= inv_c;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float xh = (xr[c] - m) * rs;
+          o[c] = rs * (gr[c] * wp[c] - sg - xh * sgx);
+          dw[c] += gr[c] * xh;
+          db[c] += gr[c];
+        }
+      }
+    }
+  });
+  return {gx, gm, partial.sum(0)};
 }
