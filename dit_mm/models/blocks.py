@@ -273,9 +273,12 @@ class RoutedStage(nn.Module):
                 local = keep.reshape(-1).nonzero().squeeze(1)  # the same rows, in order
             else:
                 local = idx
-        t = self._packed_rows(x, hw, keep, local, t0, mlp_kernel)
-        if gate is not None:
-            t = blend(t0[:K], t, gate.reshape(-1).index_select(0, idx))
+        h = self._packed_rows(x, hw, keep, local, t0, mlp_kernel)
+        if gate is None:
+            t = self.norm(h)
+        else:  # blend(t0[:K], self.norm(h), g) with g = 1 at these rows: exactly norm(h)
+            g = gate.reshape(1, -1).index_select(1, idx)
+            t = held_norm(self.norm, h.unsqueeze(0), t0[:K].unsqueeze(0), g).squeeze(0)
         with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
             out = base if torch.is_grad_enabled() else base.clone(
                 memory_format=torch.contiguous_format)
@@ -283,9 +286,10 @@ class RoutedStage(nn.Module):
 
     def _packed_rows(self, x: torch.Tensor, hw: Tuple[int, int], keep: torch.Tensor,
                      idx: torch.Tensor, t: torch.Tensor, mlp_kernel: bool) -> torch.Tensor:
-        """The stage's output ``(K, C)`` at the kept flat rows ``idx`` of
-        ``x (B, N, C)``, whose input rows are the first ``K`` of ``t``;
-        ``mlp_kernel``: the MLP's depthwise conv runs at the kept rows.
+        """The last block's output ``(K, C)`` (before the stage's norm) at
+        the kept flat rows ``idx`` of ``x (B, N, C)``, whose input rows are
+        the first ``K`` of ``t``; ``mlp_kernel``: the MLP's depthwise conv
+        runs at the kept rows.
 
         Rows of ``t`` past ``K`` are padding (:func:`dit_mm.accel.bucket_rows`):
         they go through the token-wise layers as queries of the last image
@@ -366,7 +370,7 @@ class RoutedStage(nn.Module):
 
         for blk in self.blocks:
             t, normed = self._maybe_checkpoint(packed_block, blk, t, normed)
-        return self.norm(t[:K])
+        return t[:K]
 
 
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
