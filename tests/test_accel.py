@@ -400,7 +400,7 @@ def test_rows_vary_sends_training_gemms_past_onednn_where_mkl_is_native(monkeypa
     either, oneDNN's 1x1 convolution. Same values either way."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip('no oneDNN in this build')
-    x = torch.randn(400, 64, requires_grad=True)  # above onednn_applies' size
+    x = torch.randn(401, 64, requires_grad=True)  # above onednn_applies' size; no bucket count
     w, b = torch.randn(32, 64, requires_grad=True), torch.randn(32, requires_grad=True)
     assert onednn.onednn_applies(x)
     monkeypatch.setattr(onednn, 'mkl_is_native', lambda: mkl_native)

@@ -565,6 +565,51 @@ def test_padded_packed_rows_change_no_value_or_gradient(monkeypatch, kernel):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize('pad', [0, 5])
+def test_two_images_with_the_same_row_count_match_the_masked_path(monkeypatch, pad):
+    """Two images keeping nearly as many tokens each hold half of the padded
+    rows (:func:`dit_mm.models.blocks._row_layout`: padding before the first
+    image and after the second), and the attention reads the queries in
+    place. Values and gradients (input, gate, weights) equal the masked
+    path's and the tail-padded layout's."""
+    from dit_mm.models import blocks
+    torch.manual_seed(0)
+    stage = _stage(sr=2).train()
+    x = torch.randn(2, 8 * 8, 32, requires_grad=True)
+    gate = torch.zeros(2, 64)
+    gate[0, torch.randperm(64)[:41]] = 1
+    gate[1, torch.randperm(64)[:40]] = 1  # 2 * 41 - 81 = 1 <= 0.02 * 81 extra rows
+    gate.requires_grad_()
+    kept = gate.detach() > 0.5
+    monkeypatch.setattr(blocks, 'bucket_rows', lambda rows, x: rows + pad)
+    strides = []
+    attention = blocks._attention_packed
+
+    def spy(*args):
+        strides.append(args[-1])
+        return attention(*args)
+    monkeypatch.setattr(blocks, '_attention_packed', spy)
+    weights = [stage.blocks[0].attn.q.weight, stage.blocks[1].mlp.fc1.weight,
+               stage.blocks[1].mlp.dwconv.weight, stage.blocks[0].attn.sr.weight]
+    results = []
+    for path, same in (('sparse', 0.02), ('sparse', -1.0), ('masked', 0.02)):
+        monkeypatch.setattr(blocks, 'SAME_COUNT_UP_TO', same)
+        stage.zero_grad()
+        x.grad = gate.grad = None
+        if path == 'masked':
+            out = stage.forward_masked(x, (8, 8), gate)
+        else:
+            out = stage.forward_sparse(x, (8, 8), kept, gate=gate)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), gate.grad[kept].clone(),
+                        *[w.grad.clone() for w in weights]))
+    # half of 2 * 41 + pad rows, rounded up to even, per image; then the tail layout
+    assert strides == [(82 + pad + pad % 2) // 2] * 2 + [0] * 2
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_bucket_rows_pads_a_little_to_repeating_counts():
     from dit_mm.accel.cpu import onednn
     x = torch.zeros(1, 4096, onednn.ONEDNN_PACKED_UP_TO)
@@ -576,5 +621,8 @@ def test_bucket_rows_pads_a_little_to_repeating_counts():
         assert onednn._bucketed(padded, torch.zeros(512, onednn.ONEDNN_PACKED_UP_TO))
     assert {onednn.bucket_rows(r, x) for r in range(27000, 27500)} <= {27136, 27648}
     assert onednn.bucket_rows(onednn.BUCKET_FROM - 1, x) == onednn.BUCKET_FROM - 1
+    # the stride-16 / stride-32 nodes' counts at 84 % kept repeat too
+    assert len({onednn.bucket_rows(r, x) for r in range(1700, 1740)}) <= 3
+    assert len({onednn.bucket_rows(r, x) for r in range(420, 440)}) <= 3
     with torch.no_grad():  # inference: no padding
         assert onednn.bucket_rows(27500, x) == 27500

@@ -263,9 +263,6 @@ class RoutedStage(nn.Module):
         # else a dense conv on a hidden map that holds kept rows only (no padding)
         mlp_kernel = kernel_applies(x) and all(fusable(blk.mlp) for blk in self.blocks)
         with scope('dit::gather'):
-            # padding rows: copies of the last kept row
-            pad = bucket_rows(K, x) - K if mlp_kernel else 0
-            t0 = base.index_select(0, idx if not pad else torch.cat([idx, idx[-1:].expand(pad)]))
             active = keep.any(dim=1)
             if B > 1 and not bool(active.all()):
                 imgs = active.nonzero().squeeze(1)
@@ -273,46 +270,54 @@ class RoutedStage(nn.Module):
                 local = keep.reshape(-1).nonzero().squeeze(1)  # the same rows, in order
             else:
                 local = idx
-        h = self._packed_rows(x, hw, keep, local, t0, mlp_kernel)
+            layout = _row_layout(keep.sum(dim=1).tolist(), mlp_kernel, x)
+            # padding rows: copies of the first (front) and last (tail) kept row
+            src = idx if not (layout.front or layout.tail) else torch.cat(
+                [idx[:1].expand(layout.front), idx, idx[-1:].expand(layout.tail)])
+            t0 = base.index_select(0, src)
+        h = self._packed_rows(x, hw, keep, local, t0, mlp_kernel, layout)
+        kept_in = t0[layout.front:layout.front + K]
         if gate is None:
             t = self.norm(h)
-        else:  # blend(t0[:K], self.norm(h), g) with g = 1 at these rows: exactly norm(h)
+        else:  # blend(kept_in, self.norm(h), g) with g = 1 at these rows: exactly norm(h)
             g = gate.reshape(1, -1).index_select(1, idx)
-            t = held_norm(self.norm, h.unsqueeze(0), t0[:K].unsqueeze(0), g).squeeze(0)
+            t = held_norm(self.norm, h.unsqueeze(0), kept_in.unsqueeze(0), g).squeeze(0)
         with scope('dit::scatter'):  # _write_rows copies under autograd, else writes in place
             out = base if torch.is_grad_enabled() else base.clone(
                 memory_format=torch.contiguous_format)
             return _write_rows(out, idx, t).view(B, N, C)
 
     def _packed_rows(self, x: torch.Tensor, hw: Tuple[int, int], keep: torch.Tensor,
-                     idx: torch.Tensor, t: torch.Tensor, mlp_kernel: bool) -> torch.Tensor:
+                     idx: torch.Tensor, t: torch.Tensor, mlp_kernel: bool,
+                     layout: RowLayout) -> torch.Tensor:
         """The last block's output ``(K, C)`` (before the stage's norm) at
         the kept flat rows ``idx`` of ``x (B, N, C)``, whose input rows are
-        the first ``K`` of ``t``; ``mlp_kernel``: the MLP's depthwise conv
-        runs at the kept rows.
+        ``t[layout.front:layout.front + K]``; ``mlp_kernel``: the MLP's
+        depthwise conv runs at the kept rows.
 
-        Rows of ``t`` past ``K`` are padding (:func:`dit_mm.accel.bucket_rows`):
-        they go through the token-wise layers as queries of the last image
-        and read nothing else; no kept row reads them (the depthwise conv's
-        neighbour table and the key/value map hold kept rows only), and
-        their outputs are dropped, so they get zero gradients and add
+        The other rows of ``t`` are padding (:func:`_row_layout`): they go
+        through the token-wise layers as queries of the first or the last
+        image and read nothing else; no kept row reads them (the depthwise
+        conv's neighbour table and the key/value map hold kept rows only),
+        and their outputs are dropped, so they get zero gradients and add
         nothing to the weights' gradients."""
         B, N, C = x.shape
         K = idx.numel()
-        pad = t.shape[0] - K
+        front = layout.front
         with scope('dit::gather'):
-            counts = keep.sum(dim=1).tolist()
-            counts[-1] += pad
-            padded = _padded_rows(counts, x.device)
+            padded = None if layout.stride else _padded_rows(layout.counts, x.device)
             base = x.reshape(B * N, C)
         if mlp_kernel:  # differentiable under autograd
             with scope('dit::gather'):
                 nbr = neighbour_table(idx, B, hw)
-                if pad:  # no neighbours, and no kept row's neighbour
-                    nbr = torch.cat([nbr, nbr.new_full((pad, nbr.shape[1]), -1)])
+                if front:  # the kept rows' neighbours move down with them
+                    nbr = torch.where(nbr >= 0, nbr + front, nbr)
+                if front or layout.tail:  # no neighbours, and no kept row's neighbour
+                    nbr = torch.cat([nbr.new_full((front, nbr.shape[1]), -1), nbr,
+                                     nbr.new_full((layout.tail, nbr.shape[1]), -1)])
             # one output buffer for every block at inference (autograd keeps each block's)
             hidden = None if torch.is_grad_enabled() else t.new_empty(
-                K, self.blocks[0].mlp.fc1.out_features)
+                t.shape[0], self.blocks[0].mlp.fc1.out_features)
             mlp = partial(_mlp_packed_kernel, nbr=nbr, hidden=hidden)
         else:
             # dense depthwise conv on a hidden map that is zero at skipped
@@ -320,14 +325,19 @@ class RoutedStage(nn.Module):
             buffer = x.new_zeros(B * N, self.blocks[0].mlp.fc1.out_features)
             mlp = partial(_mlp_packed, hw=hw, idx=idx, buffer=buffer)
         # Keys/values read the whole map, whose skipped rows never change in
-        # the stage: normalise them once, update only the kept rows per block,
-        # and fold each block's norm1 affine into its SR conv / kv weights.
-        # The query linear gets the same fold. Under autograd, where the kept
-        # tokens touch few of the SR conv's patches, the map is never
-        # rewritten: see _replace_touched.
-        # Under autograd, where they touch many, each block's map is its kept
-        # rows interleaved with the skipped rows' normalised input
-        # (_interleave_rows): one pass, and no chain of whole-map copies.
+        # the stage: normalise them once and update only the kept rows per
+        # block. At inference, and under autograd where the kept tokens touch
+        # few of the SR conv's patches (the map is then never rewritten: see
+        # _replace_touched), each block's norm1 affine is folded into its SR
+        # conv / kv and query weights. Under autograd, where they touch many,
+        # each block's map is its kept rows through norm1 interleaved with
+        # the skipped rows' normalised input times norm1's affine
+        # (_interleave_rows): one pass, no chain of whole-map copies, and no
+        # fold, whose backward cost more than the affine of the held rows
+        # (forward and backward, per block: the stride-16 SR conv's fold 1.03
+        # ms, the held rows' affine at 84 % kept 0.07 ms; whole sparse step
+        # at mu = 0.86, 512² batch 2, per route over static, paired: 1.073 ->
+        # 1.058 and 1.084 -> 1.063).
         eps = self.blocks[0].norm1.eps
         touched, touched_rows, skipped = None, None, None
         if all(foldable(blk, eps) for blk in self.blocks):
@@ -347,14 +357,18 @@ class RoutedStage(nn.Module):
             normed = None
         def packed_block(blk: nn.Module, t: torch.Tensor, normed: Optional[torch.Tensor]
                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-            if normed is not None:
+            if skipped is not None:  # norm1 at the kept rows, its affine at the held ones
+                t_n = blk.norm1(t)
+                held = torch.addcmul(blk.norm1.bias, normed, blk.norm1.weight)
+                with scope('dit::scatter'):
+                    full = _interleave_rows(t_n[front:front + K], idx, held, skipped)
+                q = _linear_packed(blk.attn.q, t_n)
+                k, v = _keys_values(blk.attn, full.view(B, N, C), hw)
+            elif normed is not None:
                 t_hat = normalise(t)
-                rows = t_hat[:K]
+                rows = t_hat[front:front + K]
                 full = normed
-                if skipped is not None:
-                    with scope('dit::scatter'):
-                        full = _interleave_rows(rows, idx, normed, skipped)
-                elif touched is None:
+                if touched is None:
                     with scope('dit::scatter'):
                         normed = full = _write_rows(normed, idx, rows)
                 kept = None if touched is None else (touched, touched_rows, rows)
@@ -362,15 +376,15 @@ class RoutedStage(nn.Module):
                 k, v = _keys_values_folded(blk.attn, blk.norm1, full.view(B, N, C), hw, kept)
             else:
                 with scope('dit::scatter'):
-                    full = base.index_copy(0, idx, t[:K]).view(B, N, C)
+                    full = base.index_copy(0, idx, t[front:front + K]).view(B, N, C)
                 q = _linear_packed(blk.attn.q, blk.norm1(t))
                 k, v = _keys_values(blk.attn, blk.norm1(full), hw)
-            t = t + _attention_packed(blk.attn, q, k, v, counts, padded)
+            t = t + _attention_packed(blk.attn, q, k, v, layout.counts, padded, layout.stride)
             return t + mlp(blk.mlp, blk.norm2(t)), normed
 
         for blk in self.blocks:
             t, normed = self._maybe_checkpoint(packed_block, blk, t, normed)
-        return t[:K]
+        return t[front:front + K]
 
 
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -656,6 +670,56 @@ def _query_folded(attn: nn.Module, norm1: nn.LayerNorm, x_hat: torch.Tensor) -> 
     return linear(x_hat, w, bias, owner=attn, key='folded_q_packed', rows_vary=True)
 
 
+class RowLayout(NamedTuple):
+    """Where the packed path puts the kept rows of each image
+    (:func:`_row_layout`).
+
+    Attributes:
+        counts: Rows per image, padding included (the attention's queries).
+        front: Padding rows before the first image's kept rows.
+        tail: Padding rows after the last image's kept rows.
+        stride: Every image holds exactly this many rows (``counts`` are all
+            equal): the attention reads the queries as a ``(B, stride)``
+            batch in place. ``0`` otherwise.
+    """
+    counts: List[int]
+    front: int
+    tail: int
+    stride: int
+
+
+#: :func:`_row_layout` gives two images the same row count when that adds
+#: at most this fraction of the kept rows (beyond what
+#: :func:`dit_mm.accel.bucket_rows` pads anyway).
+SAME_COUNT_UP_TO = 0.02
+
+
+def _row_layout(counts: List[int], mlp_kernel: bool, x: torch.Tensor) -> RowLayout:
+    """The packed rows' layout for images keeping ``counts`` tokens.
+
+    Under autograd with the MLP kernel the rows are padded to a count that
+    repeats between steps (:func:`dit_mm.accel.bucket_rows`). For two
+    images whose counts differ by at most :data:`SAME_COUNT_UP_TO` of the
+    kept rows, the padding goes before the first image and after the
+    second, so that each image holds half of the rows and the attention
+    reads its queries in place: the zero-padded copy of the queries and
+    the gather of its output (:func:`_padded_rows`) cost 1.9 ms a block
+    forward and backward at stride 4 (two images of 128² x 64 at 84 %
+    kept: 38.0 against 36.1 ms for the attention alone). Otherwise all
+    padding goes after the last image. The kept rows stay contiguous
+    either way, in the order of ``idx``."""
+    K = sum(counts)
+    if not (mlp_kernel and torch.is_grad_enabled()):
+        return RowLayout(list(counts), 0, 0, 0)
+    if len(counts) == 2 and 2 * max(counts) - K <= SAME_COUNT_UP_TO * K:
+        rows = bucket_rows(2 * max(counts), x)
+        rows += rows % 2
+        half = rows // 2
+        return RowLayout([half, half], half - counts[0], half - counts[1], half)
+    pad = bucket_rows(K, x) - K
+    return RowLayout(list(counts[:-1]) + [counts[-1] + pad], 0, pad, 0)
+
+
 #: :func:`_attention_packed` pads the images' queries to one batch when
 #: that computes at most this many times the kept rows (else one call per
 #: image).
@@ -676,7 +740,8 @@ def _padded_rows(counts: List[int], device: torch.device
 
 def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor, counts: List[int],
-                      padded: Optional[Tuple[torch.Tensor, int]] = None) -> torch.Tensor:
+                      padded: Optional[Tuple[torch.Tensor, int]] = None,
+                      stride: int = 0) -> torch.Tensor:
     """Spatial-reduction attention for packed queries ``q (K, C)`` (after
     the query linear).
 
@@ -688,11 +753,16 @@ def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
     attention splits its backward over batch and heads, so one image of a
     one-head stride-4 node ran it on one thread (two images' forward and
     backward at 13000 queries: 33.4 ms in two calls, 25.9 ms in one).
+    With ``stride`` every image holds that many rows of ``q`` (padding
+    included, :class:`RowLayout`), and the call reads them in place.
     """
     C = q.shape[1]
     heads, hd = attn.num_heads, attn.head_dim
     dropout = attn.attn_drop.p if attn.training else 0.0
-    if padded is not None:
+    if stride:  # every image holds `stride` rows (RowLayout): the queries in place
+        o = _sdpa(attn, q.view(-1, stride, heads, hd).transpose(1, 2), k, v, dropout)
+        out = o.transpose(1, 2).reshape(q.shape[0], C)
+    elif padded is not None:
         pos, n_max = padded
         B = k.shape[0]
         qp = q.new_zeros(B * n_max, C).index_copy(0, pos, q)

@@ -118,8 +118,17 @@ def _pack_linear(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
 
 
-#: :func:`bucket_rows` pads packed row counts from this many rows up.
-BUCKET_FROM = 2048
+#: :func:`bucket_rows` pads packed row counts from this many rows up (at
+#: least 2 rows a bucket). It was 2048: on an AMD EPYC, where every packed
+#: GEMM runs on oneDNN, the stride-16 and stride-32 nodes of DiT-b2 at 512²
+#: batch 2 (about 1720 and 430 kept rows at 84 %) then built new oneDNN
+#: primitives at every step (18-24 cache misses a step, 5-7 ms of creation
+#: alone) and ran 4.4 % / 6.4 % slower than at a repeating count (node
+#: alone, forward and backward, kept tokens drawn anew each call: 320.4
+#: against 306.9 ms, 104.1 against 97.8). From 64 rows up those misses are
+#: gone after the first steps; whole sparse step at mu = 0.86, paired, per
+#: route over static: 1.112 -> 1.088 and 1.166 -> 1.076 (two runs, 15 rounds).
+BUCKET_FROM = 64
 
 #: Where MKL runs natively, oneDNN beats it on bucketed packed rows only up
 #: to this many channels on the narrow side of the GEMM (Intel Xeon, 2
