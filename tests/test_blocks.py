@@ -590,7 +590,8 @@ def test_two_images_with_the_same_row_count_match_the_masked_path(monkeypatch, p
         return attention(*args)
     monkeypatch.setattr(blocks, '_attention_packed', spy)
     weights = [stage.blocks[0].attn.q.weight, stage.blocks[1].mlp.fc1.weight,
-               stage.blocks[1].mlp.dwconv.weight, stage.blocks[0].attn.sr.weight]
+               stage.blocks[1].mlp.dwconv.weight, stage.blocks[0].attn.sr.weight,
+               stage.blocks[1].norm1.weight, stage.blocks[1].norm1.bias]
     results = []
     for path, same in (('sparse', 0.02), ('sparse', -1.0), ('masked', 0.02)):
         monkeypatch.setattr(blocks, 'SAME_COUNT_UP_TO', same)
