@@ -125,9 +125,10 @@ def _pack_linear(weight: torch.Tensor) -> torch.Tensor:
 #: primitives at every step (18-24 cache misses a step, 5-7 ms of creation
 #: alone) and ran 4.4 % / 6.4 % slower than at a repeating count (node
 #: alone, forward and backward, kept tokens drawn anew each call: 320.4
-#: against 306.9 ms, 104.1 against 97.8). From 64 rows up those misses are
-#: gone after the first steps; whole sparse step at mu = 0.86, paired, per
-#: route over static: 1.112 -> 1.088 and 1.166 -> 1.076 (two runs, 15 rounds).
+#: against 306.9 ms, 104.1 against 97.8). From 64 rows up, steps 3-7 had
+#: 0-9 misses (a count met for the first time) where they had 9-24; whole
+#: sparse step at mu = 0.86, paired, per route over static: 1.112 -> 1.088
+#: and 1.166 -> 1.076 (two runs, 15 rounds).
 BUCKET_FROM = 64
 
 #: Where MKL runs natively, oneDNN beats it on bucketed packed rows only up
