@@ -101,10 +101,11 @@ def enabled() -> bool:
 
 
 def recording() -> bool:
-    """Whether a tracer (``torch.jit.trace``) or exporter (``torch.export``,
-    which ``torch.onnx.export(..., dynamo=True)`` runs) records the ops now:
-    then the seam runs the reference only."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+    """Whether a tracer (``torch.jit.trace``), an exporter (``torch.export``,
+    which ``torch.onnx.export(..., dynamo=True)`` runs) or ``torch.compile``
+    records the ops now: then the seam runs the reference only (the
+    executors' prepared weights and C++ calls are no graph ops)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _dispatching() -> bool:

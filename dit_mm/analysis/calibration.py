@@ -55,9 +55,12 @@ def offset_applied(backbone: DiT, offset: float) -> Iterator[DiT]:
 
 
 @torch.no_grad()
-def spends(backbone: DiT, inputs: Sequence[torch.Tensor]) -> list[float]:
+def spends(backbone: DiT, inputs: Sequence[torch.Tensor],
+           keeps: list[list[float]] | None = None) -> list[float]:
     """Real backbone FLOPs / ``C_base`` of each input batch (averaged over
-    its images), as the model is set, in eval mode."""
+    its images), as the model is set, in eval mode. With a list ``keeps``,
+    also appends each batch's mean kept-token fraction of every grid node
+    (``spec.nodes`` order; 0 for a node that did not run)."""
     was_training = backbone.training
     backbone.eval()
     out = []
@@ -66,6 +69,10 @@ def spends(backbone: DiT, inputs: Sequence[torch.Tensor]) -> list[float]:
             backbone(x)
             f = backbone.flops(per_image=True)
             out.append(float(f['real'].sum()) / f['static'] / x.shape[0])
+            if keeps is not None:
+                rows = backbone.last_record.rows
+                keeps.append([float(rows[n][1].mean()) if n in rows else 0.0
+                              for n in backbone.spec.nodes])
     finally:
         backbone.train(was_training)
     return out
@@ -83,6 +90,17 @@ def spend_at(backbone: DiT, inputs: Sequence[torch.Tensor], offset: float) -> fl
         return spend(backbone, inputs)
 
 
+def spend_and_keep_at(backbone: DiT, inputs: Sequence[torch.Tensor],
+                      offset: float) -> tuple[float, list[float]]:
+    """The mean spend at ``offset`` and the mean kept-token fraction of
+    every grid node there (the static-shape capacities at that spend)."""
+    keeps: list[list[float]] = []
+    with offset_applied(backbone, offset):
+        per_input = spends(backbone, inputs, keeps)
+    means = [sum(col) / len(col) for col in zip(*keeps)]
+    return sum(per_input) / len(per_input), means
+
+
 @dataclass
 class Calibration:
     """The result of :func:`calibrate`.
@@ -94,6 +112,8 @@ class Calibration:
         spend_before: Spend at offset 0 (the model as trained).
         points: Every ``(offset, spend)`` measured (the spend curve).
         seconds: Wall time.
+        keeps: Offset -> mean kept-token fraction of every grid node there
+            (``spec.nodes`` order): the static-shape capacities.
     """
 
     mu: float
@@ -102,11 +122,21 @@ class Calibration:
     spend_before: float
     points: list[tuple[float, float]] = field(default_factory=list)
     seconds: float = 0.0
+    keeps: dict[float, list[float]] = field(default_factory=dict)
 
     @property
     def curve(self) -> tuple[list[float], list[float]]:
         pts = sorted(dict(self.points).items())
         return [o for o, _ in pts], [s for _, s in pts]
+
+    @property
+    def keep_table(self) -> list[list[float]] | None:
+        """Per-node keep fractions at each offset of :attr:`curve`, or
+        ``None`` if some point has none."""
+        offsets, _ = self.curve
+        if not all(o in self.keeps for o in offsets):
+            return None
+        return [self.keeps[o] for o in offsets]
 
     def spend_range(self) -> tuple[float, float]:
         spends = [s for _, s in self.points]
@@ -120,12 +150,14 @@ class _Meter:
                  progress: Progress | None) -> None:
         self.backbone, self.inputs, self.progress = backbone, inputs, progress
         self.points: dict[float, float] = {}
+        self.keeps: dict[float, list[float]] = {}
 
     def __call__(self, offset: float, why: str) -> float:
         offset = round(float(offset), 6)
         if offset not in self.points:
             t0 = time.perf_counter()
-            self.points[offset] = spend_at(self.backbone, self.inputs, offset)
+            self.points[offset], self.keeps[offset] = spend_and_keep_at(
+                self.backbone, self.inputs, offset)
             if self.progress is not None:
                 self.progress(f'  {why:<9} offset {offset:+8.4f}: spend '
                               f'{self.points[offset]:.4f} x C_base '
@@ -222,14 +254,16 @@ def calibrate(model: nn.Module, inputs: Sequence[torch.Tensor], mu: float, *,
             best = (round(mid, 6), s)
     _refine(meter, curve_gap, max_curve_points)
     return Calibration(mu=float(mu), offset=best[0], spend=best[1], spend_before=before,
-                       points=sorted(meter.points.items()), seconds=time.perf_counter() - t0)
+                       points=sorted(meter.points.items()), seconds=time.perf_counter() - t0,
+                       keeps=dict(meter.keeps))
 
 
 def apply_calibration(model: nn.Module, cal: Calibration) -> DiT:
-    """Writes ``cal``'s offset and curve into the backbone's dial buffers."""
+    """Writes ``cal``'s offset, curve and per-node keep fractions (the
+    static-shape capacities) into the backbone's dial buffers."""
     backbone = find_dit(model)
     offsets, spends = cal.curve
-    backbone.dial.set_curve(offsets, spends)
+    backbone.dial.set_curve(offsets, spends, cal.keep_table)
     backbone.dial.set_offset(cal.offset)
     backbone.budget = None
     return backbone

@@ -15,7 +15,8 @@ from ..accel import conv2d, forget_prepared
 from ..utils.profiling import scope
 from .blocks import RoutedStage, tokens_to_map
 from .budget_dial import CALIBRATE_HINT, BudgetDial
-from .cost_model import GridCost, grid_cost
+from .cost_model import LN, GridCost, block_elementwise, grid_cost
+from .slots import SLOT_POLICIES, choose_slots, slot_count
 from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta, straight_through
 from .grid import (
     GATE_TYPES,
@@ -30,6 +31,7 @@ from .grid import (
 from .weights import init_pvt_module, load_pvt_pretrained
 
 KeepRatio = Union[None, float, Sequence[float]]
+Capacity = Union[None, float, Dict[Union[str, Node], float]]
 
 
 @dataclass
@@ -165,6 +167,28 @@ class DiT(BaseModule):
             trained, unless calibrated). Settable on a built model:
             ``model.backbone.budget = 0.6``. See
             :mod:`dit_mm.models.budget_dial`.
+        static_shapes: Static-shape routing (inference and export; see
+            :mod:`dit_mm.models.slots` and ``docs/deployment.md``): every
+            row-gated node runs on a fixed number of token slots per image,
+            its *capacity*, and column edges are computed for every image
+            and multiplied by their gate. No data-dependent shape, host sync
+            or per-image loop: the forward exports with real skipping,
+            compiles with ``fullgraph=True`` and suits CUDA graphs. The
+            capacity of each node comes from, in this order: ``keep_ratio``
+            (a float; slots = the top ``ceil(r * N)`` tokens, exactly the
+            eager top-k routing), ``capacity``, or the per-node keep
+            fractions that ``tools/calibrate_budget.py`` stores beside the
+            spend curve, read at ``budget`` (or at the checkpoint's own
+            offset). Settable: ``model.backbone.static_shapes = True``.
+        capacity: Static-shape capacities without calibration: one fraction
+            in ``(0, 1]`` for every gated node, or a dict ``{'s0_t1': 0.5,
+            ...}`` / ``{(0, 1): 0.5}`` with a fraction in ``[0, 1]`` per
+            node (0 skips the node; unlisted nodes get 1).
+        slot_policy: Which tokens fill the slots of a calibrated or
+            ``capacity`` node: ``'threshold'`` (the gate's kept tokens,
+            best first; leftover slots are padding whose outputs are
+            dropped, so an image that fits gets exactly threshold routing)
+            or ``'top'`` (the best-scored tokens, all kept).
         embed_norm_eps: eps of the LayerNorms in the patch embeddings and the
             attention's spatial reduction: 1e-5 in the official PVTv2 and
             timm; mmdet's ``PyramidVisionTransformerV2`` uses 1e-6.
@@ -187,7 +211,7 @@ class DiT(BaseModule):
     trace_packed = False
     #: state-dict entries newer than the first checkpoints: a checkpoint
     #: without them loads (EMA ramp restarted, offset 0, no spend curve)
-    optional_state_keys = ('gate_ema_steps', 'dial.offset', 'dial.curve')
+    optional_state_keys = ('gate_ema_steps', 'dial.offset', 'dial.curve', 'dial.keep')
 
     def __init__(self,
                  arch: Union[str, dict] = 'b2',
@@ -210,6 +234,9 @@ class DiT(BaseModule):
                  random_keep_prob: float = 0.5,
                  sparse_training: bool = False,
                  budget: Optional[float] = None,
+                 static_shapes: bool = False,
+                 capacity: Capacity = None,
+                 slot_policy: str = 'threshold',
                  embed_norm_eps: float = 1e-5,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None) -> None:
@@ -245,6 +272,7 @@ class DiT(BaseModule):
         self.gate_type = gate
         self.scale_routing = bool(scale_routing)
         self.depth_routing = bool(depth_routing)
+        self._fractions: Optional[Dict[Node, float]] = None  # resolved capacities
         self.keep_ratio = keep_ratio
         self.in_channels = in_channels
         self.out_indices = tuple(out_indices)
@@ -260,6 +288,9 @@ class DiT(BaseModule):
         self._budget_offset: Optional[float] = None  # resolved from the curve
         self.budget = budget
         self.sparse_training = bool(sparse_training)
+        self.static_shapes = static_shapes
+        self.capacity = capacity
+        self.slot_policy = slot_policy
         self.generator: Optional[torch.Generator] = None  # Gumbel noise source
         inits = dict(diagonal=2.0, off_diagonal=0.0, column=0.0)
         inits.update(gate_init or {})
@@ -335,6 +366,7 @@ class DiT(BaseModule):
                                  f'float per image; got {value!r}')
             value = float(value) if isinstance(value, (int, float)) else tuple(map(float, values))
         self._keep_ratio = value
+        self._fractions = None
 
     @property
     def budget(self) -> Optional[float]:
@@ -352,8 +384,103 @@ class DiT(BaseModule):
                              "PVTv2's static cost C_base")
         self._budget = None if value is None else float(value)
         self._budget_offset = None
+        self._fractions = None
         if value is not None and self.dial.has_curve:
             self._budget_offset = self.dial.offset_for(self._budget)
+
+    @property
+    def static_shapes(self) -> bool:
+        """Static-shape routing on (see the class docstring)."""
+        return self._static_shapes
+
+    @static_shapes.setter
+    def static_shapes(self, value: bool) -> None:
+        self._static_shapes = bool(value)
+        self._fractions = None
+
+    @property
+    def capacity(self) -> Capacity:
+        """Explicit static-shape capacities (see the class docstring)."""
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: Capacity) -> None:
+        if value is not None:
+            if isinstance(value, dict):
+                keys = {node_key(i, j): (i, j) for (i, j) in self.spec.nodes}
+                table = {}
+                for k, v in value.items():
+                    node = keys.get(k) if isinstance(k, str) else tuple(k)
+                    if node not in keys.values():
+                        raise ValueError(f'capacity: unknown node {k!r}; nodes are '
+                                         f'{sorted(keys)}')
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) \
+                            or not 0.0 <= v <= 1.0:
+                        raise ValueError(f'capacity[{k!r}]={v!r} must be a fraction of the '
+                                         "node's tokens in [0, 1] (0 skips the node)")
+                    table[node] = float(v)
+                value = table
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 < value <= 1.0:
+                raise ValueError(f'capacity={value!r} must be None, a fraction in (0, 1] of '
+                                 "every gated node's tokens, or a dict of per-node fractions")
+            else:
+                value = float(value)
+        self._capacity = value
+        self._fractions = None
+
+    @property
+    def slot_policy(self) -> str:
+        return self._slot_policy
+
+    @slot_policy.setter
+    def slot_policy(self, value: str) -> None:
+        if value not in SLOT_POLICIES:
+            raise ValueError(f'slot_policy={value!r} is not one of {SLOT_POLICIES}')
+        self._slot_policy = value
+
+    def capacity_fractions(self) -> Dict[Node, float]:
+        """The static-shape capacity of every row-gated node, as a
+        fraction of its tokens (see ``static_shapes``). Resolved eagerly and
+        cached until a setting or the checkpoint changes: call it (or run one
+        eager forward) before ``torch.export``, which cannot read the dial.
+
+        Raises:
+            RuntimeError: for a checkpoint without stored capacities, naming
+                the calibration command.
+            ValueError: for per-image keep ratios, or a budget outside the
+                calibrated range.
+        """
+        if self._fractions is not None:
+            return self._fractions
+        gated = [n for n in self.spec.nodes if self._row_gated(*n)]
+        if self.keep_ratio is not None:
+            if not isinstance(self.keep_ratio, float):
+                raise ValueError('static_shapes needs one keep_ratio for every image, got '
+                                 f'{self.keep_ratio!r}')
+            fractions = {n: self.keep_ratio for n in gated}
+        elif isinstance(self.capacity, float):
+            fractions = {n: self.capacity for n in gated}
+        elif isinstance(self.capacity, dict):
+            fractions = {n: self.capacity.get(n, 1.0) for n in gated}
+        elif not gated:
+            fractions = {}
+        else:
+            if not self.dial.has_capacities:
+                raise RuntimeError(
+                    'DiT: static_shapes needs a capacity per gated node: give keep_ratio or '
+                    'capacity, or use a checkpoint whose calibration stored capacities; '
+                    f'{CALIBRATE_HINT}')
+            table = self.dial.keep_at(self.gate_offset())
+            fractions = {n: table[k] for k, n in enumerate(self.spec.nodes) if n in gated}
+        self._fractions = fractions
+        return fractions
+
+    def slot_counts(self, size: Tuple[int, int]) -> Dict[Node, int]:
+        """Slots per image of every row-gated node at input ``size``."""
+        sizes = feature_sizes(int(size[0]), int(size[1]))
+        return {(i, j): slot_count(f, sizes[i][0] * sizes[i][1])
+                for (i, j), f in self.capacity_fractions().items()}
 
     def gate_offset(self) -> float:
         """The logit offset the learned gates use now: the budget's, read
@@ -382,6 +509,7 @@ class DiT(BaseModule):
             missing_keys.remove(key)
             self.gate_ema_steps.zero_()
         self._budget_offset = None  # a new curve may have come with it
+        self._fractions = None
 
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
@@ -455,6 +583,8 @@ class DiT(BaseModule):
         """
         self._check_input(x)
         self._recording = self._exporting()
+        if self.static_shapes:
+            self._check_static_shapes()
         if self.training and torch.is_grad_enabled() and not self._recording:
             self.update_gate_ema()
         if self._recording:  # a graph input/buffer, not a float read off a (fake) tensor
@@ -489,11 +619,31 @@ class DiT(BaseModule):
         and values as the eager forward, with every token and column edge
         computed and the decisions applied as 0/1 masks (no data-dependent
         shapes, no savings); the executors of :mod:`dit_mm.accel` stay off
-        (:func:`dit_mm.accel.recording`). :attr:`trace_packed` keeps the
+        (:func:`dit_mm.accel.recording`). With ``static_shapes`` it computes
+        the static-shape form instead, which skips. ``torch.compile`` counts
+        as recording too: its graph must not depend on the data either. :attr:`trace_packed` keeps the
         packed path under ``torch.jit.trace``.
         """
         tracing = torch.jit.is_tracing() and not self.trace_packed
-        return tracing or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+        return tracing or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+    def _check_static_shapes(self) -> None:
+        """Static-shape routing is an inference form with resolvable capacities."""
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError('DiT: static_shapes is an inference and export form; train with '
+                               'the masked path (static_shapes=False) and switch it on in eval')
+        if self.gate_type == 'random' and self.routing == 'dynamic' and self.depth_routing:
+            raise RuntimeError("DiT: static_shapes with gate='random': its decisions come from "
+                               'a seeded generator, which a static graph cannot hold; use '
+                               "gate='learned' or 'attention'")
+        if not self._recording:
+            self.capacity_fractions()
+        elif self._fractions is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError('DiT: static_shapes capacities are read off the checkpoint '
+                                   'eagerly; call model.backbone.capacity_fractions() (or run '
+                                   'one eager forward) before torch.export / torch.compile')
+            self.capacity_fractions()
 
     def _traced_offset(self) -> Union[float, torch.Tensor]:
         """The gate offset of a recorded forward: the dial's buffer (it stays
@@ -557,7 +707,8 @@ class DiT(BaseModule):
         rec.col_gates.append((i, j))
         rec.embeds[(i, j)] = (out.prob, out.mask.detach())
         gate = out.mask.to(dst.dtype).view(B, 1, 1)  # exact 0/1, straight-through grad
-        if (self.training and not self.sparse_training) or self._recording:
+        if (self.training and not self.sparse_training) or self._recording \
+                or self.static_shapes:
             return dst + gate * self._embed(key, src, sizes[i - 1])
         sel = out.mask.detach().nonzero().squeeze(1)  # only the images whose edge is open
         if sel.numel() == 0:
@@ -574,12 +725,12 @@ class DiT(BaseModule):
         B, N, _ = x.shape
         if i != j and not self._grid_runs:
             return x
-        gated = self.routing != 'static' and (
-            self.keep_ratio is not None or (self.routing == 'dynamic' and self.depth_routing))
-        if not gated:
+        if not self._row_gated(i, j):
             ones = x.new_ones(B, dtype=torch.float32)
             rec.add_row((i, j), ones, ones)
             return stage.forward_dense(x, hw)
+        if self.static_shapes:
+            return self._row_edge_slots(i, j, x, hw, rec)
         with scope('dit::gate'):
             out = self._row_gate(i, j, x)
             keep = out.mask
@@ -598,6 +749,31 @@ class DiT(BaseModule):
                 return stage.forward_sparse(x, hw, kept, gate=keep)
             return stage.forward_masked(x, hw, keep)
         return stage.forward_sparse(x, hw, kept)
+
+    def _row_gated(self, i: int, j: int) -> bool:
+        """Whether node ``(i, j)`` runs behind its row gate (when it runs)."""
+        return self.routing != 'static' and (
+            self.keep_ratio is not None or (self.routing == 'dynamic' and self.depth_routing))
+
+    def _row_edge_slots(self, i: int, j: int, x: torch.Tensor, hw: Tuple[int, int],
+                        rec: RoutingRecord) -> torch.Tensor:
+        """Static-shape row edge: the node's blocks on its capacity's token
+        slots (:mod:`dit_mm.models.slots`); a capacity of 0 skips the node
+        and its gate."""
+        B, N, _ = x.shape
+        slots_per_image = slot_count(self._fractions[(i, j)], N)
+        if slots_per_image == 0:
+            zeros = x.new_zeros(B, dtype=torch.float32)
+            rec.add_row((i, j), zeros, zeros)
+            return x
+        out = self._row_gate(i, j, x)
+        policy = 'top' if self.keep_ratio is not None else self.slot_policy
+        slots, valid = choose_slots(out.score, out.mask, slots_per_image, policy)
+        keep = torch.zeros_like(out.score).scatter(1, slots, valid.to(out.score.dtype))
+        rec.row_gates.append((i, j))
+        rec.add_gated_row((i, j), out.prob, keep)
+        rec.masks[(i, j)] = (keep > 0.5).view(B, *hw)
+        return self.stages[node_key(i, j)].forward_slots(x, hw, slots, valid)
 
     def _row_gate(self, i: int, j: int, x: torch.Tensor) -> GateOutput:
         if self.gate_type == 'learned':
@@ -703,6 +879,48 @@ class DiT(BaseModule):
             exp = exp + active * nc.map + e * nc.token * nc.tokens
             real = real + (r > 0).float() * nc.map + r * nc.token * nc.tokens
         return exp + gates, real.detach() + gates
+
+    def static_shape_cost(self, size: Tuple[int, int]) -> Dict[str, float]:
+        """Analytic FLOPs per image of the static-shape forward at ``size``
+        (``static_shapes``): every column edge the grid runs is computed,
+        every gated node costs its map-wise part, its gate and its capacity
+        in tokens (padding slots included), whatever the images decide.
+
+        Returns:
+            dict with ``total``, ``elementwise`` (its norms, pooling and
+            depthwise taps, which op-level counters of matmuls, convs and
+            attention do not see), ``static`` (``C_base``) and ``full``.
+        """
+        H, W = int(size[0]), int(size[1])
+        cost = grid_cost(self.spec, H, W)
+        sizes = feature_sizes(H, W)
+        slots = self.slot_counts((H, W)) if self.static_shapes or self._fractions else {}
+        dims = self.spec.embed_dims
+        total = elementwise = 0.0
+        for (i, j), c in cost.embeds.items():
+            if i < j and not self._grid_runs:
+                continue
+            total += c
+            elementwise += LN * sizes[i][0] * sizes[i][1] * dims[i]
+            if i < j and self.routing == 'dynamic':
+                total += cost.col_gates[(i, j)]
+                elementwise += sizes[i - 1][0] * sizes[i - 1][1] * dims[i - 1]
+        for (i, j), nc in cost.nodes.items():
+            if i != j and not self._grid_runs:
+                continue
+            n = nc.tokens
+            tok_e, map_e = block_elementwise(n, sizes[i], dims[i], self.spec.sr_ratios[i],
+                                             self.spec.mlp_ratios[i])
+            depth = self.spec.depth(i, j)
+            kept = slots.get((i, j), n) if self._row_gated(i, j) else n  # slots
+            if kept == 0:
+                continue
+            gated = self._row_gated(i, j)
+            if not gated:  # a dense depthwise conv: a conv, not taps
+                tok_e -= 9 * int(dims[i] * self.spec.mlp_ratios[i])
+            total += nc.map + nc.token * kept + (nc.row_gate if gated else 0)
+            elementwise += depth * (map_e + tok_e * kept) + LN * dims[i] * kept
+        return dict(total=total, elementwise=elementwise, static=cost.static, full=cost.full)
 
     def max_budget(self, size: Tuple[int, int] = (224, 224)) -> float:
         """``C_full / C_base``: the largest meaningful budget ``mu``."""

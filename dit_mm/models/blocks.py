@@ -65,6 +65,7 @@ from ..accel import (
 )
 from ..accel import linear_module as _linear
 from ..utils.profiling import scope
+from .slots import run_slots
 
 #: The token-wise layers of the packed path: their row count is the number
 #: of kept tokens, which changes at every training step (see ``rows_vary``
@@ -203,6 +204,14 @@ class RoutedStage(nn.Module):
         h = self.norm(h)
         write_rows(h.view(B * N, C), skipped, held)
         return h
+
+    # ------------------------------------------------------------------ slots
+    def forward_slots(self, x: torch.Tensor, hw: Tuple[int, int], slots: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+        """Static-shape path (:mod:`dit_mm.models.slots`): the blocks on
+        ``slots (B, S)`` token slots per image, whose outputs are written
+        back where ``valid (B, S)``. Plain PyTorch on every device."""
+        return run_slots(self.blocks, self.norm, x, hw, slots, valid)
 
     # ----------------------------------------------------------------- sparse
     def forward_sparse(self, x: torch.Tensor, hw: Tuple[int, int],

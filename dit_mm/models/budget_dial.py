@@ -12,7 +12,11 @@ spend falls monotonically as ``o`` falls. It stores:
 * ``offset``: the offset in use (0: the model as trained, exactly);
 * ``curve``: ``(2, K)``: offsets (ascending) and the mean spend measured at
   each, so that any budget inside the curve's range maps to an offset by
-  interpolation, without retraining or recalibrating.
+  interpolation, without retraining or recalibrating;
+* ``keep``: ``(nodes, K)``: the mean kept-token fraction of every grid node
+  (in ``GridSpec.nodes`` order) at each point of the curve: the per-node
+  *capacities* of static-shape routing (:mod:`dit_mm.models.slots`) at any
+  budget on the curve. Empty in checkpoints calibrated before it existed.
 
 Both are buffers of the backbone (``backbone.dial.offset``,
 ``backbone.dial.curve``), so a calibrated checkpoint carries them. A
@@ -34,12 +38,13 @@ class BudgetDial(nn.Module):
 
     #: state-dict entries that may be absent from a checkpoint (written before
     #: the dial existed): they load as offset 0 and an empty curve
-    optional_keys = ('offset', 'curve')
+    optional_keys = ('offset', 'curve', 'keep')
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer('offset', torch.zeros(()))
         self.register_buffer('curve', torch.zeros(2, 0))
+        self.register_buffer('keep', torch.zeros(0, 0))
 
     # ------------------------------------------------------------- curve
     @property
@@ -53,9 +58,17 @@ class BudgetDial(nn.Module):
         spend = self.curve[1]
         return float(spend.min()), float(spend.max())
 
+    @property
+    def has_capacities(self) -> bool:
+        """Whether per-node keep fractions were stored with the curve."""
+        return self.has_curve and self.keep.shape[1] == self.curve.shape[1] \
+            and self.keep.shape[0] > 0
+
     @torch.no_grad()
-    def set_curve(self, offsets: Sequence[float], spends: Sequence[float]) -> None:
-        """Stores the measured ``(offset, spend)`` points, sorted by offset.
+    def set_curve(self, offsets: Sequence[float], spends: Sequence[float],
+                  keep: Optional[Sequence[Sequence[float]]] = None) -> None:
+        """Stores the measured ``(offset, spend)`` points, sorted by offset,
+        and optionally each point's per-node keep fractions ``keep[point][node]``.
 
         Raises:
             ValueError: for fewer than two points, mismatched lengths or
@@ -70,6 +83,34 @@ class BudgetDial(nn.Module):
             raise ValueError('the spend curve has non-finite values')
         order = pts[0].argsort()
         self.curve = pts[:, order].to(self.offset.device)
+        table = torch.zeros(0, 0)
+        if keep is not None:
+            table = torch.tensor([list(map(float, k)) for k in keep], dtype=torch.float32)
+            if table.dim() != 2 or table.shape[0] != len(offsets) \
+                    or not torch.isfinite(table).all():
+                raise ValueError('keep needs one row of finite per-node fractions per curve '
+                                 f'point ({len(offsets)}), got shape {tuple(table.shape)}')
+            table = table[order].t().contiguous()
+        self.keep = table.to(self.offset.device)
+
+    def keep_at(self, offset: float) -> List[float]:
+        """Per-node keep fractions at ``offset``, interpolated linearly
+        between the curve's points (clamped at its ends).
+
+        Raises:
+            RuntimeError: if the dial stores no keep fractions.
+        """
+        if not self.has_capacities:
+            raise RuntimeError('this checkpoint has no per-node capacities (calibrated before '
+                               f'static-shape routing existed, or never); {CALIBRATE_HINT}')
+        offsets = self.curve[0].tolist()
+        rows = self.keep.tolist()
+        o = min(max(float(offset), offsets[0]), offsets[-1])
+        k = max(i for i in range(len(offsets)) if offsets[i] <= o)
+        if k == len(offsets) - 1:
+            return [r[k] for r in rows]
+        t = (o - offsets[k]) / (offsets[k + 1] - offsets[k])
+        return [r[k] + t * (r[k + 1] - r[k]) for r in rows]
 
     def offset_for(self, budget: float) -> float:
         """The offset at which the stored curve spends ``budget`` x ``C_base``.
@@ -102,9 +143,10 @@ class BudgetDial(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: List[str],
                               unexpected_keys: List[str], error_msgs: List[str]) -> None:
-        curve = state_dict.get(prefix + 'curve')
-        if curve is not None and curve.shape != self.curve.shape:  # curves differ in length
-            self.curve = torch.empty_like(curve, device=self.curve.device)
+        for name in ('curve', 'keep'):  # curves differ in length
+            value = state_dict.get(prefix + name)
+            if value is not None and value.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(value, device=self.offset.device))
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
@@ -114,6 +156,8 @@ class BudgetDial(nn.Module):
             missing_keys.remove(k)
             if k.endswith('offset'):
                 self.offset.zero_()
+            elif k.endswith('keep'):
+                self.keep = torch.zeros(0, 0, device=self.offset.device)
             else:
                 self.curve = torch.zeros(2, 0, device=self.offset.device)
 
@@ -141,4 +185,5 @@ def dial_state(dial: Optional[BudgetDial]) -> dict:
     if dial.has_curve:
         out['curve_points'] = int(dial.curve.shape[1])
         out['spend_range'] = list(dial.spend_range())
+        out['capacities'] = dial.has_capacities
     return out

@@ -92,6 +92,22 @@ def block_costs(n: int, hw: Tuple[int, int], dim: int, sr: int, mlp_ratio: float
     return float(token), float(map_cost)
 
 
+def block_elementwise(n: int, hw: Tuple[int, int], dim: int, sr: int,
+                      mlp_ratio: float) -> Tuple[float, float]:
+    """The element-wise share of :func:`block_costs` (norms and the
+    depthwise conv's taps): what op-level counters of matmuls, convs and
+    attention (``torch.utils.flop_counter``) do not see when the depthwise
+    conv runs as taps through a neighbour table (:mod:`dit_mm.models.slots`).
+
+    Returns:
+        ``(per kept token, per map)``.
+    """
+    hidden = int(dim * mlp_ratio)
+    nk = (hw[0] // sr) * (hw[1] // sr) if sr > 1 else n
+    map_cost = LN * n * dim + (LN * nk * dim if sr > 1 else 0)
+    return float(LN * dim + 9 * hidden), float(map_cost)
+
+
 def embed_cost(hw_out: Tuple[int, int], c_in: int, c_out: int, k: int) -> float:
     """Overlapping patch embedding: ``k x k`` conv + LayerNorm."""
     n = hw_out[0] * hw_out[1]

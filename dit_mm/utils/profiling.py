@@ -17,5 +17,8 @@ _enabled = getattr(torch._C._autograd, '_profiler_enabled', lambda: True)
 
 
 def scope(name: str) -> ContextManager:
-    """``record_function(name)`` under an active profiler, else a no-op."""
+    """``record_function(name)`` under an active profiler, else a no-op
+    (always under ``torch.compile``, which cannot trace the profiler query)."""
+    if torch.compiler.is_compiling():
+        return _NULL
     return record_function(name) if _enabled() else _NULL

@@ -1,0 +1,174 @@
+"""Static-shape routing: a node's blocks on a fixed number of token slots.
+
+A gated node with *capacity* ``S`` runs its PVTv2 blocks on ``S`` token
+slots per image, whatever the gate decides. Every tensor's shape follows
+from the input size and the capacities alone, so the forward has no
+``nonzero``, no host sync and no per-image loop: it exports
+(``torch.export``, ONNX), compiles with ``fullgraph=True`` and can be
+captured in a CUDA graph, and its cost is fixed before the data is seen.
+
+Which tokens fill the slots (:func:`choose_slots`):
+
+* ``'threshold'`` (default for calibrated budgets): the tokens the gate keeps
+  (score above its threshold), the best-scored ones when an image keeps more
+  than ``S``; when it keeps fewer, the remaining slots hold its next-best
+  tokens as *padding*: they are computed and their outputs discarded. So the
+  output equals threshold routing for every image that fits its capacity.
+* ``'top'``: the ``S`` best-scored tokens of each image, all kept. With
+  ``keep_ratio=r`` and ``S = ceil(r * N)`` this is exactly today's top-k
+  routing.
+
+Inside the node the semantics are those of the eager paths
+(:mod:`dit_mm.models.blocks`): keys and values come from the spatially
+reduced *full* map (kept tokens at their current value, the others at their
+input value), so only the queries are ragged and padding slots need no
+attention mask; the MLP's depthwise conv sees zeros at tokens that are not
+kept. Everything here is plain PyTorch (gather, one batched attention call
+over ``(B, heads, S, d)`` queries, linears on the slots, a 9-tap depthwise
+conv through a neighbour table, scatter): it runs on any device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SLOT_POLICIES = ('threshold', 'top')
+
+
+def slot_count(fraction: float, tokens: int) -> int:
+    """Slots for a capacity ``fraction`` of a node's ``tokens``:
+    ``ceil(fraction * tokens)``, 0 for a fraction of 0 (the node is skipped),
+    else at least 1."""
+    if fraction <= 0.0:
+        return 0
+    return min(tokens, max(1, math.ceil(fraction * tokens - 1e-9)))
+
+
+def choose_slots(score: torch.Tensor, keep: torch.Tensor, capacity: int,
+                 policy: str = 'threshold') -> Tuple[torch.Tensor, torch.Tensor]:
+    """The token slots of each image.
+
+    Args:
+        score: Keep scores ``(B, N)`` (the gate's keep logit).
+        keep: The gate's hard 0/1 decisions ``(B, N)`` (used by ``'threshold'``).
+        capacity: Slots per image ``S``, in ``[1, N]``.
+        policy: ``'threshold'`` or ``'top'`` (module docstring).
+
+    Returns:
+        ``slots (B, S)``, token indices, distinct within an image, and
+        ``valid (B, S)``, a bool: the slot's output is written back.
+    """
+    if policy not in SLOT_POLICIES:
+        raise ValueError(f'slot policy {policy!r} is not one of {SLOT_POLICIES}')
+    slots = score.detach().topk(capacity, dim=1, sorted=False).indices
+    if policy == 'top':
+        return slots, torch.ones_like(slots, dtype=torch.bool)
+    return slots, keep.detach().gather(1, slots) > 0.5
+
+
+def neighbour_slots(slots: torch.Tensor, valid: torch.Tensor,
+                    hw: Tuple[int, int]) -> torch.Tensor:
+    """The 3x3 neighbourhood of every slot, as rows of a slot table.
+
+    The table holds ``S + 1`` rows per image: the slots, then one zero row.
+    A neighbour that is outside the map or not a valid slot points at the
+    zero row, so a depthwise conv through this table sees zeros there, as
+    the dense conv sees its zero padding and the zeroed hidden map.
+
+    Returns:
+        ``(9, B * S)`` flat row indices into the ``(B * (S + 1), C)`` table,
+        tap ``k = 3 * (dy + 1) + (dx + 1)`` (the conv weight's order).
+    """
+    B, S = slots.shape
+    H, W = hw
+    Wp = W + 2
+    # slot id of every position of the zero-bordered (H + 2) x (W + 2) map
+    pos = (slots // W + 1) * Wp + slots % W + 1
+    ids = torch.arange(S, device=slots.device).expand(B, S)
+    ids = torch.where(valid, ids, torch.full_like(ids, S))
+    table = torch.full((B, (H + 2) * Wp), S, dtype=slots.dtype, device=slots.device)
+    table = table.scatter(1, pos, ids)
+    base = (torch.arange(B, device=slots.device) * (S + 1)).view(B, 1)
+    taps = [table.gather(1, pos + (dy * Wp + dx)) + base
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    return torch.stack(taps).reshape(9, B * S)
+
+
+def _keys_values(attn: nn.Module, xn: torch.Tensor, hw: Tuple[int, int]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """timm's spatial-reduction keys and values ``(B, heads, Nk, hd)`` of
+    the normalised full map ``xn (B, N, C)``."""
+    B, N, C = xn.shape
+    if attn.sr is not None:
+        m = xn.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+        xn = attn.norm(attn.sr(m).flatten(2).transpose(1, 2))
+    kv = attn.kv(xn).reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return kv[0], kv[1]
+
+
+def _attention(attn: nn.Module, q_in: torch.Tensor, xn: torch.Tensor,
+               hw: Tuple[int, int]) -> torch.Tensor:
+    """Attention of the slot queries ``q_in (B, S, C)`` against the keys and
+    values of the full map: one batched call, no mask (padding slots' rows
+    are dropped at the scatter)."""
+    B, S, C = q_in.shape
+    q = attn.q(q_in).reshape(B, S, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = _keys_values(attn, xn, hw)
+    if attn.fused_attn:
+        o = F.scaled_dot_product_attention(q, k, v)
+    else:  # the explicit form, which FLOP counters read
+        o = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    return attn.proj(o.transpose(1, 2).reshape(B, S, C))
+
+
+def _mlp(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """timm's ``MlpWithDepthwiseConv`` on slots ``t (B, S, C)``: the 3x3
+    depthwise conv is 9 taps through the neighbour table ``nbr``
+    (:func:`neighbour_slots`), accumulated one at a time, so no 9-fold copy
+    of the hidden rows is ever held."""
+    B, S, _ = t.shape
+    h = mlp.relu(mlp.fc1(t))
+    hid = h.shape[-1]
+    rows = torch.cat([h, h.new_zeros(B, 1, hid)], dim=1).reshape(B * (S + 1), hid)
+    w = mlp.dwconv.weight.reshape(hid, 9).t()  # (9, hid)
+    acc = rows.index_select(0, nbr[4]) * w[4]
+    for k in (0, 1, 2, 3, 5, 6, 7, 8):
+        acc = acc + rows.index_select(0, nbr[k]) * w[k]
+    if mlp.dwconv.bias is not None:
+        acc = acc + mlp.dwconv.bias
+    return mlp.fc2(mlp.act(acc).reshape(B, S, hid))
+
+
+def run_slots(blocks: Sequence[nn.Module], norm: nn.Module, x: torch.Tensor,
+              hw: Tuple[int, int], slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A node's blocks and final norm on the token slots of each image.
+
+    Args:
+        blocks: timm PVTv2 ``Block`` modules (inference: no drop path).
+        norm: The stage-end ``LayerNorm``.
+        x: Tokens ``(B, N, C)``.
+        hw: Map size ``(H, W)``, ``H * W == N``.
+        slots: ``(B, S)`` token indices, distinct per image (:func:`choose_slots`).
+        valid: ``(B, S)`` bool: slots whose output is kept; the others are
+            padding, computed and dropped.
+
+    Returns:
+        ``(B, N, C)``: tokens at valid slots updated, all others unchanged.
+    """
+    B, N, C = x.shape
+    index = slots.unsqueeze(-1).expand(-1, -1, C)
+    keep = valid.unsqueeze(-1)
+    t0 = x.gather(1, index)
+    nbr = neighbour_slots(slots, valid, hw)  # once per node: every block reads it
+    t = t0
+    for blk in blocks:
+        # the keys' and values' map: valid slots at their current value
+        full = x.scatter(1, index, torch.where(keep, t, t0))
+        xn = blk.norm1(full)
+        t = t + _attention(blk.attn, xn.gather(1, index), xn, hw)
+        t = t + _mlp(blk.mlp, blk.norm2(t), nbr)
+    return x.scatter(1, index, torch.where(keep, norm(t), t0))
