@@ -268,3 +268,20 @@ def test_bad_wait_time(ckpt: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         TEST.parse_args([DET, ckpt, '--show', '--wait-time', '-1'])
     assert '--wait-time -1' in capsys.readouterr().err
+
+
+def test_det_static_shapes_equal_the_eager_keep_ratio(toy: dict, tmp_path: Path) -> None:
+    """``--static-shapes`` with ``--keep-ratio``: the same predictions as the
+    eager top-k routing (the static-shape form computes the same tokens)."""
+    base = [DET, toy['det_ckpt'], '--keep-ratio', '0.5', '--cfg-options', *toy['det']]
+    eager = TEST.main(base[:2] + ['--work-dir', str(tmp_path / 'a')] + base[2:])
+    static = TEST.main(base[:2] + ['--work-dir', str(tmp_path / 'b'), '--static-shapes']
+                       + base[2:])
+    assert static == pytest.approx(eager, abs=1e-3)
+
+
+def test_static_shapes_without_capacities_names_the_calibration(toy: dict,
+                                                                 tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match='calibrate_budget.py'):
+        TEST.main([DET, toy['det_ckpt'], '--work-dir', str(tmp_path), '--static-shapes',
+                   '--cfg-options', *toy['det']])

@@ -1,7 +1,8 @@
 """Evaluate a DiT detector, segmentor or classifier (mmdet, mmseg or mmpretrain config).
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--metrics-json FILE]
-                         [--budget B | --keep-ratio R] [--out OUT] [--show-dir DIR]
+                         [--budget B | --keep-ratio R] [--static-shapes] [--out OUT]
+                         [--show-dir DIR]
                          [--show [--wait-time S]] [--tta]
     bash tools/dist_test.sh CONFIG CHECKPOINT 2
 
@@ -67,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--budget', type=float, default=None,
                         help='inference budget (x C_base) read off the spend curve of a '
                              'checkpoint calibrated by tools/calibrate_budget.py')
+    parser.add_argument('--static-shapes', action='store_true',
+                        help='static-shape routing: every gated node on a fixed number of '
+                             'token slots (capacities from --keep-ratio, or the per-node '
+                             'capacities a calibrated checkpoint stores, read at --budget); '
+                             'what tools/export.py deploys')
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help='keep freed memory for reuse instead of page-faulting it back '
                              'in every forward (glibc; faster CPU inference, the process '
@@ -173,6 +179,8 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg.merge_from_dict(args.cfg_options)
     if args.keep_ratio is not None:
         cfg.model.backbone.keep_ratio = args.keep_ratio
+    if args.static_shapes:
+        cfg.model.backbone.static_shapes = True
     cfg.model.backbone.init_cfg = None  # weights come from the checkpoint
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         './work_dirs', osp.splitext(osp.basename(args.config))[0])
@@ -209,17 +217,28 @@ def main(argv=None) -> dict:
         else:
             from mmengine.evaluator import DumpResults as Dump
         runner.test_evaluator.metrics.append(Dump(out_file_path=args.out))
-    if args.budget is not None:
-        # load now, so that a budget outside the stored curve fails before testing
+    if args.budget is not None or args.static_shapes:
+        # load now, so that a budget outside the stored curve, or a checkpoint
+        # without capacities, fails before testing
         runner.load_or_resume()
         backbone = find_dit(runner.model)
+        flag = f'--budget {args.budget}' if args.budget is not None else '--static-shapes'
         try:
-            backbone.budget = args.budget
+            if args.budget is not None:
+                backbone.budget = args.budget
             backbone.gate_offset()
+            if args.static_shapes:
+                backbone.capacity_fractions()
         except (RuntimeError, ValueError) as e:
-            raise SystemExit(f'--budget {args.budget}: {e}') from None
-        print_log(f'--budget {args.budget}: gate offset {backbone.gate_offset():+.4f} from the '
-                  f'spend curve of {args.checkpoint}', logger='current')
+            raise SystemExit(f'{flag}: {e}') from None
+        if args.budget is not None:
+            print_log(f'--budget {args.budget}: gate offset {backbone.gate_offset():+.4f} from '
+                      f'the spend curve of {args.checkpoint}', logger='current')
+        if args.static_shapes:
+            caps = ', '.join(f's{i}_t{j} {f:.3f}'
+                             for (i, j), f in backbone.capacity_fractions().items())
+            print_log(f'--static-shapes: capacities (fraction of each node\'s tokens): '
+                      f'{caps or "no gated node"}', logger='current')
     metrics = runner.test()
     if args.metrics_json and runner.rank == 0:
         with open(args.metrics_json, 'w') as f:

@@ -16,7 +16,6 @@ from ..utils.profiling import scope
 from .blocks import RoutedStage, tokens_to_map
 from .budget_dial import CALIBRATE_HINT, BudgetDial
 from .cost_model import LN, GridCost, block_elementwise, grid_cost
-from .slots import SLOT_POLICIES, choose_slots, slot_count
 from .gates import ColumnGate, GateOutput, RowGate, attention_delta, random_delta, straight_through
 from .grid import (
     GATE_TYPES,
@@ -28,6 +27,7 @@ from .grid import (
     node_key,
     resolve_arch,
 )
+from .slots import SLOT_POLICIES, choose_slots, slot_count
 from .weights import init_pvt_module, load_pvt_pretrained
 
 KeepRatio = Union[None, float, Sequence[float]]
@@ -621,8 +621,8 @@ class DiT(BaseModule):
         shapes, no savings); the executors of :mod:`dit_mm.accel` stay off
         (:func:`dit_mm.accel.recording`). With ``static_shapes`` it computes
         the static-shape form instead, which skips. ``torch.compile`` counts
-        as recording too: its graph must not depend on the data either. :attr:`trace_packed` keeps the
-        packed path under ``torch.jit.trace``.
+        as recording too: its graph must not depend on the data either.
+        :attr:`trace_packed` keeps the packed path under ``torch.jit.trace``.
         """
         tracing = torch.jit.is_tracing() and not self.trace_packed
         return tracing or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
@@ -894,7 +894,7 @@ class DiT(BaseModule):
         H, W = int(size[0]), int(size[1])
         cost = grid_cost(self.spec, H, W)
         sizes = feature_sizes(H, W)
-        slots = self.slot_counts((H, W)) if self.static_shapes or self._fractions else {}
+        slots = self.slot_counts((H, W)) if self.static_shapes else {}
         dims = self.spec.embed_dims
         total = elementwise = 0.0
         for (i, j), c in cost.embeds.items():
