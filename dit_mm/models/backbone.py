@@ -13,6 +13,7 @@ from timm.models.pvt_v2 import OverlapPatchEmbed
 
 from ..accel import conv2d, forget_prepared
 from ..utils.profiling import scope
+from . import slots as _slots
 from .blocks import RoutedStage, tokens_to_map
 from .budget_dial import CALIBRATE_HINT, BudgetDial
 from .cost_model import LN, GridCost, block_elementwise, grid_cost
@@ -916,9 +917,13 @@ class DiT(BaseModule):
             if kept == 0:
                 continue
             gated = self._row_gated(i, j)
-            if not gated:  # a dense depthwise conv: a conv, not taps
-                tok_e -= 9 * int(dims[i] * self.spec.mlp_ratios[i])
-            total += nc.map + nc.token * kept + (nc.row_gate if gated else 0)
+            taps = 9 * int(dims[i] * self.spec.mlp_ratios[i])
+            dense_dw = 0.0
+            if not gated or _slots.DWCONV == 'map':  # a dense depthwise conv: not taps
+                tok_e -= taps
+                if gated:  # over the whole (zero-filled) hidden map, per block
+                    dense_dw = depth * taps * (n - kept)
+            total += nc.map + nc.token * kept + (nc.row_gate if gated else 0) + dense_dw
             elementwise += depth * (map_e + tok_e * kept) + LN * dims[i] * kept
         return dict(total=total, elementwise=elementwise, static=cost.static, full=cost.full)
 

@@ -30,7 +30,7 @@ conv through a neighbour table, scatter): it runs on any device.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -125,22 +125,58 @@ def _attention(attn: nn.Module, q_in: torch.Tensor, xn: torch.Tensor,
     return attn.proj(o.transpose(1, 2).reshape(B, S, C))
 
 
-def _mlp(mlp: nn.Module, t: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
-    """timm's ``MlpWithDepthwiseConv`` on slots ``t (B, S, C)``: the 3x3
-    depthwise conv is 9 taps through the neighbour table ``nbr``
-    (:func:`neighbour_slots`), accumulated one at a time, so no 9-fold copy
-    of the hidden rows is ever held."""
-    B, S, _ = t.shape
-    h = mlp.relu(mlp.fc1(t))
+#: How :func:`_mlp` runs the depthwise conv at the slots:
+#: ``'map'``: the slots' hidden rows are written into a zero map and the
+#: module's own conv runs densely on it (the map-wise cost of a conv, in few
+#: large ops); ``'taps'``: 9 gathers through the neighbour table, each
+#: multiplied and accumulated (the per-token cost, in 27 small ops). The
+#: analytic cost (``DiT.static_shape_cost``) follows the choice. Measured in
+#: ``benchmarks/bench_export.py`` (``docs/benchmarks.md``).
+DWCONV = 'taps'
+
+
+class SlotIndex(NamedTuple):
+    """Where a node's slots sit, built once per node (every block reads it).
+
+    Attributes:
+        rows: Flat rows ``b * N + slot`` of the ``(B * N, C)`` token map, ``(B * S,)``.
+        keep: ``(B * S, 1)`` bool: the slot's output is written back.
+        nbr: The neighbour table (:func:`neighbour_slots`), or ``None`` with ``DWCONV='map'``.
+        hw: Map size.
+        batch: ``B``.
+    """
+
+    rows: torch.Tensor
+    keep: torch.Tensor
+    nbr: Optional[torch.Tensor]
+    hw: Tuple[int, int]
+    batch: int
+
+
+def _depthwise(conv: nn.Conv2d, h: torch.Tensor, where: SlotIndex) -> torch.Tensor:
+    """The 3x3 depthwise ``conv`` of the hidden slot rows ``h (B * S, hid)``
+    over a map that is zero wherever no valid slot sits."""
     hid = h.shape[-1]
-    rows = torch.cat([h, h.new_zeros(B, 1, hid)], dim=1).reshape(B * (S + 1), hid)
-    w = mlp.dwconv.weight.reshape(hid, 9).t()  # (9, hid)
-    acc = rows.index_select(0, nbr[4]) * w[4]
+    H, W = where.hw
+    B = where.batch
+    if where.nbr is None:
+        h = h * where.keep.to(h.dtype)  # padding slots are not kept tokens: zero
+        hmap = h.new_zeros(B * H * W, hid).index_put((where.rows,), h)
+        y = conv(hmap.view(B, H, W, hid).permute(0, 3, 1, 2))
+        return y.permute(0, 2, 3, 1).reshape(B * H * W, hid).index_select(0, where.rows)
+    S = h.shape[0] // B
+    rows = torch.cat([h.view(B, S, hid), h.new_zeros(B, 1, hid)], 1).reshape(-1, hid)
+    w = conv.weight.reshape(hid, 9).t()  # (9, hid), tap k = 3 * (dy + 1) + (dx + 1)
+    acc = rows.index_select(0, where.nbr[4]) * w[4]
     for k in (0, 1, 2, 3, 5, 6, 7, 8):
-        acc = acc + rows.index_select(0, nbr[k]) * w[k]
-    if mlp.dwconv.bias is not None:
-        acc = acc + mlp.dwconv.bias
-    return mlp.fc2(mlp.act(acc).reshape(B, S, hid))
+        acc = acc + rows.index_select(0, where.nbr[k]) * w[k]
+    return acc if conv.bias is None else acc + conv.bias
+
+
+def _mlp(mlp: nn.Module, t: torch.Tensor, where: SlotIndex) -> torch.Tensor:
+    """timm's ``MlpWithDepthwiseConv`` on the slot rows ``t (B * S, C)``."""
+    h = mlp.act(_depthwise(mlp.dwconv, mlp.relu(mlp.fc1(t)), where))
+    return mlp.fc2(h)
 
 
 def run_slots(blocks: Sequence[nn.Module], norm: nn.Module, x: torch.Tensor,
@@ -160,15 +196,19 @@ def run_slots(blocks: Sequence[nn.Module], norm: nn.Module, x: torch.Tensor,
         ``(B, N, C)``: tokens at valid slots updated, all others unchanged.
     """
     B, N, C = x.shape
-    index = slots.unsqueeze(-1).expand(-1, -1, C)
-    keep = valid.unsqueeze(-1)
-    t0 = x.gather(1, index)
-    nbr = neighbour_slots(slots, valid, hw)  # once per node: every block reads it
+    # flat rows: gathers and scatters of whole rows (ONNX Gather / ScatterND)
+    rows = (slots + (torch.arange(B, device=x.device) * N).unsqueeze(1)).reshape(-1)
+    keep = valid.reshape(-1, 1)
+    nbr = None if DWCONV == 'map' else neighbour_slots(slots, valid, hw)
+    where = SlotIndex(rows, keep, nbr, hw, B)
+    base = x.reshape(B * N, C)
+    t0 = base.index_select(0, rows)
     t = t0
     for blk in blocks:
         # the keys' and values' map: valid slots at their current value
-        full = x.scatter(1, index, torch.where(keep, t, t0))
+        full = base.index_put((rows,), torch.where(keep, t, t0))
         xn = blk.norm1(full)
-        t = t + _attention(blk.attn, xn.gather(1, index), xn, hw)
-        t = t + _mlp(blk.mlp, blk.norm2(t), nbr)
-    return x.scatter(1, index, torch.where(keep, norm(t), t0))
+        q_in = xn.index_select(0, rows).view(B, -1, C)
+        t = t + _attention(blk.attn, q_in, xn.view(B, N, C), hw).reshape(-1, C)
+        t = t + _mlp(blk.mlp, blk.norm2(t), where)
+    return base.index_put((rows,), torch.where(keep, norm(t), t0)).view(B, N, C)
