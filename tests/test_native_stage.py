@@ -66,22 +66,32 @@ def test_native_stage_at_batch_one_with_large_gemms(monkeypatch):
 
 
 @pytest.mark.parametrize('sr', [1, 2])
-def test_native_dense_stage_matches_pvtv2_blocks(sr):
+def test_native_dense_stage_matches_pvtv2_blocks(monkeypatch, sr):
     """Every token kept: the program's dense mode (folded norms, batched
     attention, the kernel's depthwise conv) against timm's blocks in
     Python, and the packed route at 100 % kept takes it too."""
+    from dit_mm.models import blocks
     stage = _stage(40, sr, depth=2)
     x = torch.randn(3, 48, 40)
+    ran = []
+    real = native_stage.packed_forward
+
+    def spy(*args):
+        out = real(*args)
+        ran.append(out is not None)
+        return out
+    monkeypatch.setattr(blocks, 'packed_forward', spy)
     with torch.no_grad():
         fast = stage.forward_dense(x, (6, 8))
         packed = stage.forward_sparse(x, (6, 8), torch.ones(3, 48, dtype=torch.bool))
         stage.native = False
         slow = stage.forward_dense(x, (6, 8))
+    assert ran == [True, True]  # both fast calls ran the program
     assert torch.equal(fast, packed)
     assert torch.allclose(fast, slow, atol=1e-5) and not torch.allclose(fast, x, atol=0.1)
 
 
-def test_plan_follows_weight_and_module_changes():
+def test_plan_follows_weight_and_module_changes(monkeypatch):
     """In-place updates, a weight swap through ``.data`` followed by
     ``eval()`` (mmengine's EMAHook), a cast, a replaced submodule and the
     fused-attention switch each rebuild the plan: the native result keeps
@@ -93,7 +103,8 @@ def test_plan_follows_weight_and_module_changes():
     blk = stage.blocks[0]
 
     def agree():
-        fast, slow, _ = _both(stage, x, (6, 8), keep)
+        fast, slow, ran = _both(stage, x, (6, 8), keep, monkeypatch)
+        assert ran == [True]  # the program ran, and agrees
         assert torch.equal(fast, slow)
         return fast
     results = [agree()]

@@ -588,7 +588,8 @@ class DiT(BaseModule):
             self._check_static_shapes()
         if self.training and torch.is_grad_enabled() and not self._recording:
             self.update_gate_ema()
-        if self._recording:  # a graph input/buffer, not a float read off a (fake) tensor
+        if self._recording or self.static_shapes:  # a graph input/buffer, not a float
+            # read off a (fake) tensor: no host sync, so a CUDA graph can capture it
             self._offset_now = self._traced_offset()
         else:
             offset = self.gate_offset()

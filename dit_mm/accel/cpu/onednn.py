@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..cache import prepared
+from .strict import executor_unavailable
 
 
 def onednn_applies(x: torch.Tensor) -> bool:
@@ -54,7 +55,11 @@ def onednn_applies(x: torch.Tensor) -> bool:
 def packed_ops_available() -> bool:
     """Whether oneDNN's reordered-weight ops exist in this build and agree
     with ``F.linear`` / ``F.conv2d`` on a small case (checked once)."""
-    if os.environ.get('DIT_MM_NO_PACKED') == '1' or not torch.backends.mkldnn.is_available():
+    if os.environ.get('DIT_MM_NO_PACKED') == '1':
+        return False
+    what = "oneDNN's reordered-weight ops"
+    if not torch.backends.mkldnn.is_available():
+        executor_unavailable(what, 'this torch build has no oneDNN')
         return False
     try:
         with torch.no_grad():
@@ -65,10 +70,14 @@ def packed_ops_available() -> bool:
             conv = nn.Conv2d(8, 6, 2, stride=2)
             m = torch.randn(1, 8, 4, 6, generator=g).contiguous(memory_format=torch.channels_last)
             z = _packed_conv(conv, m, conv.weight, conv.bias)
-            return (torch.allclose(y, F.linear(x, w, b), atol=1e-5)
-                    and torch.allclose(z, conv(m), atol=1e-5))
-    except (RuntimeError, AttributeError, NotImplementedError):
+            agree = (torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+                     and torch.allclose(z, conv(m), atol=1e-5))
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        executor_unavailable(what, f'{type(exc).__name__}: {str(exc).splitlines()[0][:300]}')
         return False
+    if not agree:
+        executor_unavailable(what, 'they disagree with F.linear / F.conv2d beyond 1e-5')
+    return agree
 
 
 def packed_applies(x: torch.Tensor) -> bool:

@@ -40,12 +40,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from mmengine.logging import print_log
 from torch.autograd.function import once_differentiable
 
 from ...utils.profiling import scope
 from .. import reference
 from ..cache import prepared
+from .strict import executor_unavailable
 
 #: C++ sources of the extension in ``dit_mm/accel/cpu/csrc``, in this order (the stage
 #: program calls the kernels).
@@ -87,9 +87,8 @@ def _extension():
                                    extra_ldflags=['-fopenmp'], verbose=False)
             except Exception as exc:  # no compiler, no headers: fall back, but say so
                 _ext_failed = True
-                print_log(f'dit_mm: C++ extension unavailable ({exc}); using the Python '
-                          'paths and the PyTorch depthwise-conv fallback', logger='current',
-                          level=30)
+                executor_unavailable('the C++ extension (the sparse depthwise kernel and '
+                                     'the stage program)', str(exc).splitlines()[0][:300])
     return _ext
 
 
