@@ -86,6 +86,28 @@ def time_sessions(sessions: dict, feeds: dict, repeats: int) -> dict:
             for k, v in times.items()}
 
 
+def profile_ops(path: str, opts, feeds: dict, runs: int = 3) -> dict:
+    """Mean ms per run of each ONNX op type (onnxruntime's profiler)."""
+    import collections
+
+    import onnxruntime as ort
+    prof = ort.SessionOptions()
+    prof.intra_op_num_threads = opts.intra_op_num_threads
+    prof.inter_op_num_threads = 1
+    prof.enable_profiling = True
+    sess = ort.InferenceSession(path, prof, providers=['CPUExecutionProvider'])
+    sess.run(None, feeds)  # warm-up (its events are counted too: one run in runs + 1)
+    for _ in range(runs):
+        sess.run(None, feeds)
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    by_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'):
+            by_op[e['args']['op_name']] += e['dur'] / 1e3 / (runs + 1)
+    return {k: round(v, 1) for k, v in by_op.most_common()}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--arch', default='b2')
@@ -98,6 +120,9 @@ def main(argv=None) -> dict:
     p.add_argument('--dwconv', nargs='+', default=[slots.DWCONV], choices=['taps', 'map'],
                    help='depthwise-conv forms of the static-shape graphs (slots.DWCONV)')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--profile', action='store_true',
+                   help="also record onnxruntime's time per op type of every graph (one "
+                        'profiled session each, after the timed rounds)')
     p.add_argument('--out')
     args = p.parse_args(argv)
     import onnxruntime as ort
@@ -113,10 +138,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batches:
             x = torch.randn(batch, 3, *size)
-            sessions, diffs = {}, {}
+            sessions, diffs, paths = {}, {}, {}
             for name, (model, _, _, mode) in graphs.items():
                 path = os.path.join(tmp, f'{name}_b{batch}.onnx')
                 slots.DWCONV = mode or slots.DWCONV
+                paths[name] = path
                 t0 = time.perf_counter()
                 _export(model, x, path)
                 sessions[name] = ort.InferenceSession(path, opts,
@@ -139,6 +165,10 @@ def main(argv=None) -> dict:
                 print(f'batch {batch} {name:>16}: {timed[name]["median_ms"]:8.1f} ms  '
                       f'latency {lat:.3f}  FLOPs {flops:.3f}  ratio {lat / flops:.3f}',
                       flush=True)
+            if args.profile:
+                for name in sessions:
+                    rows[name]['ms_by_op'] = profile_ops(paths[name], opts,
+                                                         {'inputs': x.numpy()})
             res['results'][f'batch_{batch}'] = rows
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), 'results',

@@ -263,3 +263,22 @@ def test_static_shapes_leave_the_eager_training_path_alone():
     out = model(_images(2))
     sum(o.sum() for o in out).backward()
     assert F.relu(model.stem.proj.weight.grad.abs()).sum() > 0
+
+
+def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path):
+    """``benchmarks/bench_gpu.py --device cpu --quick``: the prepared GPU
+    command, checked here (the GPU figures need a GPU)."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_gpu
+    out = tmp_path / 'gpu.json'
+    res = bench_gpu.main(['--device', 'cpu', '--quick', '--rounds', '1', '--out', str(out)])
+    saved = json.loads(out.read_text())
+    assert saved['machine']['device'] == 'cpu' and saved['arch'] == 'b0'
+    rows = [r for r in res['results'] if 'ms' in r]
+    assert {r['dtype'] for r in rows} == {'float32', 'bfloat16'}
+    for r in rows:
+        assert set(r['ms']) == {'pvtv2', 'dit_mu0.86', 'dit_r0.5', 'dit_full'}
+        assert r['flops_over_c_base']['dit_mu0.86'] == pytest.approx(0.86, abs=0.03)

@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
           f'{cal.spend_before:.4f}, after {cal.spend:.4f} (mu {cal.mu}, offset {cal.offset:+.4f})')
     print(f'spend curve: {len(cal.points)} points, budgets {lo:.3f} .. {hi:.3f} can be dialled '
           f'(model.backbone.budget = B, or tools/test.py ... --budget B)')
+    if backbone.dial.has_capacities:
+        caps = backbone.dial.keep_at(cal.offset)
+        record['capacities'] = {f's{i}_t{j}': round(c, 4)
+                                for (i, j), c in zip(backbone.spec.nodes, caps)}
+        print('static-shape capacities at mu (kept fraction per node, stored for every point '
+              'of the curve; tools/export.py, tools/test.py --static-shapes): '
+              + ', '.join(f'{k} {v:.3f}' for k, v in record['capacities'].items()))
     print(f'written: {args.out} ({cal.seconds:.0f} s)')
     if args.report:
         with open(args.report, 'w') as f:
