@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
 import torch
 
@@ -55,7 +54,7 @@ def spends(cfg, model, setting: dict, budget, num_images) -> dict:
         if setting['static_shapes']:  # the eager decisions of this image, to count the cut
             backbone.static_shapes = False
             backbone(x)
-            eager_keep = {n: m.sum().item() for n, m in backbone.last_record.masks.items()}
+            eager_keep = dict(backbone.last_record.masks)
         backbone.static_shapes = setting['static_shapes']
         backbone(x)
         f = backbone.flops()
@@ -64,8 +63,9 @@ def spends(cfg, model, setting: dict, budget, num_images) -> dict:
             c = backbone.static_shape_cost(tuple(x.shape[2:]))
             graph.append(c['total'] / c['static'])
             kept = backbone.last_record.masks
-            lost = sum(max(0.0, eager_keep[n] - kept[n].sum().item()) for n in eager_keep)
-            cut.append(lost / max(1.0, sum(eager_keep.values())))
+            lost = sum(int((m & ~kept[n]).sum()) if n in kept else int(m.sum())
+                       for n, m in eager_keep.items())
+            cut.append(lost / max(1, sum(int(m.sum()) for m in eager_keep.values())))
     backbone.static_shapes = False
     out = dict(images=len(used), spend_mean=statistics.mean(used),
                spend_std=statistics.pstdev(used), spend_min=min(used), spend_max=max(used))
@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     p.add_argument('--budgets', type=float, nargs='*', default=[0.8])
     p.add_argument('--num-images', type=int, default=None)
     p.add_argument('--cfg-options', nargs='*', default=[])
+    p.add_argument('--work-dir', default='work_dirs/static_shapes_toy')
     p.add_argument('--out')
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tools'))
@@ -94,18 +95,18 @@ def main(argv=None) -> dict:
         res['results'][key] = {}
         for mode, setting in MODES.items():
             row = spends(cfg, model, setting, budget, args.num_images)
-            with tempfile.TemporaryDirectory() as tmp:
-                argv_t = [args.config, args.checkpoint, '--work-dir', tmp]
-                if budget is not None:
-                    argv_t += ['--budget', str(budget)]
-                if setting['static_shapes']:
-                    argv_t += ['--static-shapes']
-                opts = list(args.cfg_options)
-                if setting['static_shapes']:
-                    opts.append(f"model.backbone.slot_policy={setting['slot_policy']}")
-                if opts:
-                    argv_t += ['--cfg-options', *opts]
-                metrics = test_tool.main(argv_t)
+            # one work dir for every run: mmengine's visualizer outlives a Runner
+            argv_t = [args.config, args.checkpoint, '--work-dir', args.work_dir]
+            if budget is not None:
+                argv_t += ['--budget', str(budget)]
+            if setting['static_shapes']:
+                argv_t += ['--static-shapes']
+            opts = list(args.cfg_options)
+            if setting['static_shapes']:
+                opts.append(f"model.backbone.slot_policy={setting['slot_policy']}")
+            if opts:
+                argv_t += ['--cfg-options', *opts]
+            metrics = test_tool.main(argv_t)
             row['metrics'] = {k: float(v) for k, v in metrics.items()}
             res['results'][key][mode] = row
             print(key, mode, json.dumps(row), flush=True)
