@@ -46,6 +46,24 @@ def _export(model: DiT, x: torch.Tensor, path: str) -> None:
                           input_names=['inputs'])
 
 
+class _AotiSession:
+    """An AOTInductor package behind onnxruntime's ``run(None, feeds)``."""
+
+    def __init__(self, path: str) -> None:
+        self.fn = torch._inductor.aoti_load_package(path)
+
+    def run(self, _outputs, feeds: dict) -> list:
+        with torch.no_grad():
+            out = self.fn(torch.from_numpy(feeds['inputs']))
+        return [o.numpy() for o in out]
+
+
+def _compile_aoti(model: DiT, x: torch.Tensor, path: str) -> None:
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        torch._inductor.aoti_compile_and_package(program, package_path=path)
+
+
 def build_graphs(arch: str, size: tuple, budgets: list, dense_keep: float, seed: int = 0,
                  dwconvs: tuple = ('taps',)) -> dict:
     """name -> (model, FLOPs / C_base, capacity, depthwise mode) of every
@@ -120,6 +138,10 @@ def main(argv=None) -> dict:
     p.add_argument('--dwconv', nargs='+', default=[slots.DWCONV], choices=['taps', 'map'],
                    help='depthwise-conv forms of the static-shape graphs (slots.DWCONV)')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--runtime', choices=['onnxruntime', 'aoti'], default='onnxruntime',
+                   help='aoti: AOTInductor packages (torch.export, then '
+                        'torch._inductor.aoti_compile_and_package) instead of ONNX')
+    p.add_argument('--no-dense', action='store_true', help='skip the masked dense graph')
     p.add_argument('--profile', action='store_true',
                    help="also record onnxruntime's time per op type of every graph (one "
                         'profiled session each, after the timed rounds)')
@@ -127,10 +149,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import onnxruntime as ort
     torch.set_num_threads(args.threads)
+    aoti = args.runtime == 'aoti'
     size = tuple(args.size)
     graphs = build_graphs(args.arch, size, args.budgets, args.dense_keep,
                           dwconvs=tuple(args.dwconv))
-    res = dict(benchmark='export-onnxruntime-cpu', machine=machine('cpu'), arch=args.arch,
+    if args.no_dense:
+        graphs = {k: v for k, v in graphs.items() if not k.startswith('dense')}
+    res = dict(benchmark=f'export-{args.runtime}-cpu', machine=machine('cpu'), arch=args.arch,
                size=list(size), repeats=args.repeats, results={})
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
@@ -140,13 +165,17 @@ def main(argv=None) -> dict:
             x = torch.randn(batch, 3, *size)
             sessions, diffs, paths = {}, {}, {}
             for name, (model, _, _, mode) in graphs.items():
-                path = os.path.join(tmp, f'{name}_b{batch}.onnx')
+                path = os.path.join(tmp, f'{name}_b{batch}.{"pt2" if aoti else "onnx"}')
                 slots.DWCONV = mode or slots.DWCONV
                 paths[name] = path
                 t0 = time.perf_counter()
-                _export(model, x, path)
-                sessions[name] = ort.InferenceSession(path, opts,
-                                                      providers=['CPUExecutionProvider'])
+                if aoti:
+                    _compile_aoti(model, x, path)
+                    sessions[name] = _AotiSession(path)
+                else:
+                    _export(model, x, path)
+                    sessions[name] = ort.InferenceSession(path, opts,
+                                                          providers=['CPUExecutionProvider'])
                 with torch.no_grad():
                     want = model(x)
                 got = sessions[name].run(None, {'inputs': x.numpy()})
@@ -165,14 +194,14 @@ def main(argv=None) -> dict:
                 print(f'batch {batch} {name:>16}: {timed[name]["median_ms"]:8.1f} ms  '
                       f'latency {lat:.3f}  FLOPs {flops:.3f}  ratio {lat / flops:.3f}',
                       flush=True)
-            if args.profile:
+            if args.profile and not aoti:
                 for name in sessions:
                     rows[name]['ms_by_op'] = profile_ops(paths[name], opts,
                                                          {'inputs': x.numpy()})
             res['results'][f'batch_{batch}'] = rows
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), 'results',
-        f'export-onnxruntime-cpu-torch{torch.__version__.split("+")[0]}.json')
+        f'export-{args.runtime}-cpu-torch{torch.__version__.split("+")[0]}.json')
     with open(out, 'w') as f:
         json.dump(res, f, indent=2)
         f.write('\n')

@@ -3,6 +3,7 @@ torch.export, checked against eager PyTorch, with its cost printed; and its
 errors."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,14 @@ def test_export_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # argparse: one of --budget / --keep-ratio / --capacity
         EXPORT.main([CLS, '--format', 'onnx', '--keep-ratio', '0.5', '--budget', '0.8',
                      '--out', out])
+
+
+@pytest.mark.skipif(os.environ.get('DIT_MM_SLOW_TESTS') != '1',
+                    reason='AOTInductor compiles for about 2 minutes; DIT_MM_SLOW_TESTS=1 runs it')
+def test_aoti_package_of_a_backbone(tmp_path: Path) -> None:
+    out = tmp_path / 'backbone_aoti.pt2'
+    report = EXPORT.main([CLS, '--format', 'aoti', '--keep-ratio', '0.5', '--shape', '64', '64',
+                          '--backbone-only', '--no-count', '--out', str(out)])
+    assert report['max_diff'] < 1e-4 and out.is_file()
+    feats = torch._inductor.aoti_load_package(str(out))(torch.randn(3, 3, 64, 64))
+    assert feats[0].shape[0] == 3  # the batch stays free

@@ -1,6 +1,6 @@
 """Export a DiT model for deployment, with real skipping.
 
-    python tools/export.py CONFIG [--checkpoint CKPT] --format {onnx,torch-export}
+    python tools/export.py CONFIG [--checkpoint CKPT] --format {onnx,torch-export,aoti}
         [--budget B | --keep-ratio R | --capacity C] [--shape H W] [--batch N]
         [--backbone-only] [--dense] [--cfg-options ...] --out FILE
 
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      'with static-shape routing')
     analysis.add_model_args(parser)
     parser.add_argument('--format', required=True, choices=FORMATS)
-    parser.add_argument('--out', required=True, help='output file (.onnx or .pt2)')
+    parser.add_argument('--out', required=True,
+                        help='output file (.onnx; .pt2 for torch-export and aoti)')
     group = parser.add_mutually_exclusive_group()
     group.add_argument('--budget', type=float,
                        help='budget (x C_base) on the spend curve of a calibrated checkpoint')
@@ -54,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--shape', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'),
                         help='input size (default: 512 512)')
     parser.add_argument('--batch', type=int, default=1,
-                        help='batch of the ONNX graph and of the check (torch-export keeps the '
-                             'batch free)')
+                        help='batch of the ONNX graph and of the check (torch-export and aoti '
+                             'keep the batch free)')
     parser.add_argument('--backbone-only', action='store_true',
                         help='export model.backbone alone (whole detectors are mmdeploy\'s job)')
     parser.add_argument('--dense', action='store_true',

@@ -11,7 +11,10 @@ Formats:
 * ``'torch-export'``: a ``torch.export`` program (``.pt2``) with a free batch
   dimension; load it with ``torch.export.load``;
 * ``'onnx'``: an ONNX file (TorchScript-based exporter, opset 17) with a
-  fixed batch, checked in onnxruntime when it is installed.
+  fixed batch, checked in onnxruntime when it is installed;
+* ``'aoti'``: an AOTInductor package (``.pt2``, the ``torch.export``
+  program compiled ahead of time to a shared library; free batch), loaded
+  with ``torch._inductor.aoti_load_package``. Compiling takes minutes.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from ..engine.hooks import find_dit
 from ..models.backbone import DiT
 from .flops import countable_attention
 
-FORMATS = ('onnx', 'torch-export')
+FORMATS = ('onnx', 'torch-export', 'aoti')
 
 
 @dataclass
@@ -167,11 +170,11 @@ def export(model: nn.Module, fmt: str, out: str, shape: tuple[int, int] = (512, 
     Args:
         model: A DiT, or a detector / segmentor / classifier with a DiT
             backbone, in eval mode.
-        fmt: ``'onnx'`` or ``'torch-export'``.
+        fmt: ``'onnx'``, ``'torch-export'`` or ``'aoti'``.
         out: Output file.
         shape: Input ``(H, W)``.
         batch: Batch of the ONNX graph and of the check (``torch-export``
-            keeps the batch free; it traces with at least 2).
+            and ``aoti`` keep the batch free; they trace with at least 2).
         backbone_only: Export ``model.backbone`` alone.
         count: Also count the backbone graph's FLOPs with an op-level counter.
 
@@ -206,10 +209,14 @@ def export(model: nn.Module, fmt: str, out: str, shape: tuple[int, int] = (512, 
                 torch.onnx.export(module, (x,), out, dynamo=False, opset_version=17,
                                   input_names=['inputs'])
                 got = _run_onnx(out, x2)
-            else:
+            elif fmt == 'torch-export':
                 program = torch.export.export(module, (x,), dynamic_shapes=_free_batch())
                 torch.export.save(program, out)
                 got = _flatten(torch.export.load(out).module()(x2))
+            else:
+                program = torch.export.export(module, (x,), dynamic_shapes=_free_batch())
+                torch._inductor.aoti_compile_and_package(program, package_path=out)
+                got = _flatten(torch._inductor.aoti_load_package(out)(x2))
     except Exception as e:  # the exporters raise many types
         hint = '' if backbone_only else ' (whole models may not export: try --backbone-only)'
         raise RuntimeError(f'{fmt} export failed{hint}: {type(e).__name__}: '
