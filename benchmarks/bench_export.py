@@ -113,12 +113,15 @@ def profile_ops(path: str, opts, feeds: dict, runs: int = 3) -> dict:
     prof.intra_op_num_threads = opts.intra_op_num_threads
     prof.inter_op_num_threads = 1
     prof.enable_profiling = True
+    prof.profile_file_prefix = os.path.join(os.path.dirname(path), 'ort_profile')  # a temp dir
     sess = ort.InferenceSession(path, prof, providers=['CPUExecutionProvider'])
     sess.run(None, feeds)  # warm-up (its events are counted too: one run in runs + 1)
     for _ in range(runs):
         sess.run(None, feeds)
-    with open(sess.end_profiling()) as f:
+    trace = sess.end_profiling()
+    with open(trace) as f:
         events = json.load(f)
+    os.remove(trace)
     by_op: collections.Counter = collections.Counter()
     for e in events:
         if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'):
