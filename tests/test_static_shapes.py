@@ -225,6 +225,12 @@ def test_calibration_stores_capacities_that_static_shapes_read_at_a_budget(tmp_p
     low = model.static_shape_cost(SIZE)['total']
     model.budget = hi
     assert model.static_shape_cost(SIZE)['total'] > low
+    # a new offset on the dial is a new set of capacities (no stale cache)
+    model.budget = None
+    at_offset = model.capacity_fractions()
+    model.dial.set_offset(float(model.dial.curve[0, 0]))  # every learned gate closed
+    assert sum(model.capacity_fractions().values()) < sum(at_offset.values())
+    model.budget = budget
     # the capacities travel with the checkpoint
     fresh = make_dit('b0').eval()
     fresh.load_state_dict(model.state_dict())

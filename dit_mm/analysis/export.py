@@ -150,8 +150,8 @@ def _counted_backbone(backbone: DiT, x: torch.Tensor) -> float:
     """Op-level GFLOPs per image of the backbone's exported graph (exported
     again with explicit attention, which the counter reads)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with countable_attention(backbone):
-        ep = torch.export.export(backbone, (x,), dynamic_shapes=_free_batch())
+    with countable_attention(backbone), torch.no_grad():
+        ep = torch.export.export(backbone, (x[:1],))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         ep.module()(x[:1])
     return counter.get_total_flops() / 2 / 1e9

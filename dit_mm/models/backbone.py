@@ -274,6 +274,7 @@ class DiT(BaseModule):
         self.scale_routing = bool(scale_routing)
         self.depth_routing = bool(depth_routing)
         self._fractions: Optional[Dict[Node, float]] = None  # resolved capacities
+        self._fractions_of = -1  # ... at this dial version (BudgetDial.version)
         self.keep_ratio = keep_ratio
         self.in_channels = in_channels
         self.out_indices = tuple(out_indices)
@@ -452,7 +453,7 @@ class DiT(BaseModule):
             ValueError: for per-image keep ratios, or a budget outside the
                 calibrated range.
         """
-        if self._fractions is not None:
+        if self._fractions is not None and self._fractions_of == self.dial.version:
             return self._fractions
         gated = [n for n in self.spec.nodes if self._row_gated(*n)]
         if self.keep_ratio is not None:
@@ -474,7 +475,7 @@ class DiT(BaseModule):
                     f'{CALIBRATE_HINT}')
             table = self.dial.keep_at(self.gate_offset())
             fractions = {n: table[k] for k, n in enumerate(self.spec.nodes) if n in gated}
-        self._fractions = fractions
+        self._fractions, self._fractions_of = fractions, self.dial.version
         return fractions
 
     def slot_counts(self, size: Tuple[int, int]) -> Dict[Node, int]:
@@ -622,12 +623,17 @@ class DiT(BaseModule):
         computed and the decisions applied as 0/1 masks (no data-dependent
         shapes, no savings); the executors of :mod:`dit_mm.accel` stay off
         (:func:`dit_mm.accel.recording`). With ``static_shapes`` it computes
-        the static-shape form instead, which skips. ``torch.compile`` counts
-        as recording too: its graph must not depend on the data either.
+        the static-shape form instead, which skips. ``torch.compile`` without
+        autograd counts as recording too: its graph must not depend on the
+        data either.
         :attr:`trace_packed` keeps the packed path under ``torch.jit.trace``.
         """
         tracing = torch.jit.is_tracing() and not self.trace_packed
-        return tracing or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+        # torch.compile at inference only: a compiled training step keeps the
+        # eager semantics (EMA steps, the routing record the budget loss reads)
+        compiling = torch.compiler.is_compiling() and not torch.is_grad_enabled()
+        return (tracing or torch.compiler.is_exporting() or compiling
+                or torch.onnx.is_in_onnx_export())
 
     def _check_static_shapes(self) -> None:
         """Static-shape routing is an inference form with resolvable capacities."""
@@ -920,9 +926,9 @@ class DiT(BaseModule):
             gated = self._row_gated(i, j)
             taps = 9 * int(dims[i] * self.spec.mlp_ratios[i])
             dense_dw = 0.0
-            if not gated or _slots.DWCONV == 'map':  # a dense depthwise conv: not taps
-                tok_e -= taps
-                if gated:  # over the whole (zero-filled) hidden map, per block
+            if not (gated and self.static_shapes) or _slots.DWCONV == 'map':
+                tok_e -= taps  # a dense depthwise conv: a conv, not taps
+                if gated and self.static_shapes:  # over the zero-filled hidden map
                     dense_dw = depth * taps * (n - kept)
             total += nc.map + nc.token * kept + (nc.row_gate if gated else 0) + dense_dw
             elementwise += depth * (map_e + tok_e * kept) + LN * dims[i] * kept

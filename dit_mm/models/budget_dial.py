@@ -45,6 +45,10 @@ class BudgetDial(nn.Module):
         self.register_buffer('offset', torch.zeros(()))
         self.register_buffer('curve', torch.zeros(2, 0))
         self.register_buffer('keep', torch.zeros(0, 0))
+        #: bumped by every change of the offset, curve or keep table (through
+        #: these methods or a state dict), so that models can cache what
+        #: they read off the dial without reading its tensors again
+        self.version = 0
 
     # ------------------------------------------------------------- curve
     @property
@@ -92,6 +96,7 @@ class BudgetDial(nn.Module):
                                  f'point ({len(offsets)}), got shape {tuple(table.shape)}')
             table = table[order].t().contiguous()
         self.keep = table.to(self.offset.device)
+        self.version += 1
 
     def keep_at(self, offset: float) -> List[float]:
         """Per-node keep fractions at ``offset``, interpolated linearly
@@ -138,6 +143,7 @@ class BudgetDial(nn.Module):
     @torch.no_grad()
     def set_offset(self, value: float) -> None:
         self.offset.fill_(float(value))
+        self.version += 1
 
     # ------------------------------------------------------- state dict
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: Any,
@@ -148,6 +154,7 @@ class BudgetDial(nn.Module):
             if value is not None and value.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(value, device=self.offset.device))
         before = set(missing_keys)
+        self.version += 1
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
         absent = [k for k in missing_keys if k not in before

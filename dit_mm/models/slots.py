@@ -130,8 +130,9 @@ def _attention(attn: nn.Module, q_in: torch.Tensor, xn: torch.Tensor,
 #: module's own conv runs densely on it (the map-wise cost of a conv, in few
 #: large ops); ``'taps'``: 9 gathers through the neighbour table, each
 #: multiplied and accumulated (the per-token cost, in 27 small ops). The
-#: analytic cost (``DiT.static_shape_cost``) follows the choice. Measured in
-#: ``benchmarks/bench_export.py`` (``docs/benchmarks.md``).
+#: analytic cost (``DiT.static_shape_cost``) follows the choice. In
+#: onnxruntime on the CPU the taps win at capacities up to about a quarter of
+#: the tokens, the map above (``docs/benchmarks.md``).
 DWCONV = 'taps'
 
 
