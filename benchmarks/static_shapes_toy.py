@@ -82,14 +82,17 @@ def main(argv=None) -> dict:
     p.add_argument('--budgets', type=float, nargs='*', default=[0.8])
     p.add_argument('--num-images', type=int, default=None)
     p.add_argument('--cfg-options', nargs='*', default=[])
+    p.add_argument('--capacity-scale', type=float, default=1.0,
+                   help='DiT.capacity_scale of the static-shape forms')
     p.add_argument('--work-dir', default='work_dirs/static_shapes_toy')
     p.add_argument('--out')
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tools'))
     import test as test_tool
     cfg, model = analysis.load_model(args.config, args.checkpoint)
+    find_dit(model).capacity_scale = args.capacity_scale
     res = dict(benchmark='static-shapes-toy', machine=machine('cpu'), config=args.config,
-               checkpoint=args.checkpoint, results={})
+               checkpoint=args.checkpoint, capacity_scale=args.capacity_scale, results={})
     for budget in [None] + list(args.budgets):
         key = 'calibrated' if budget is None else f'budget_{budget:g}'
         res['results'][key] = {}
@@ -103,15 +106,17 @@ def main(argv=None) -> dict:
                 argv_t += ['--static-shapes']
             opts = list(args.cfg_options)
             if setting['static_shapes']:
-                opts.append(f"model.backbone.slot_policy={setting['slot_policy']}")
+                opts += [f"model.backbone.slot_policy={setting['slot_policy']}",
+                         f'model.backbone.capacity_scale={args.capacity_scale}']
             if opts:
                 argv_t += ['--cfg-options', *opts]
             metrics = test_tool.main(argv_t)
             row['metrics'] = {k: float(v) for k, v in metrics.items()}
             res['results'][key][mode] = row
             print(key, mode, json.dumps(row), flush=True)
+    scale = '' if args.capacity_scale == 1.0 else f'-scale{args.capacity_scale:g}'
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                   'static-shapes-toy-main-job.json')
+                                   f'static-shapes-toy-main-job{scale}.json')
     with open(out, 'w') as f:
         json.dump(res, f, indent=2)
         f.write('\n')

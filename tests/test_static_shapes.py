@@ -221,6 +221,10 @@ def test_calibration_stores_capacities_that_static_shapes_read_at_a_budget(tmp_p
     fractions = model.capacity_fractions()
     assert set(fractions) == set(model.spec.nodes) and all(0 <= f <= 1 for f in
                                                            fractions.values())
+    model.capacity_scale = 2.0  # more slots than the mean: fewer cut tokens
+    assert model.capacity_fractions() == pytest.approx(
+        {n: min(1.0, 2 * f) for n, f in fractions.items()})
+    model.capacity_scale = 1.0
     # the graph's cost follows the budget
     low = model.static_shape_cost(SIZE)['total']
     model.budget = hi
@@ -249,6 +253,8 @@ def test_bad_static_shape_settings_get_clear_errors():
         model.capacity = {'s3_t0': 0.5}
     with pytest.raises(ValueError, match=r'\[0, 1\]'):
         model.capacity = {'s0_t0': -0.1}
+    with pytest.raises(ValueError, match='capacity_scale'):
+        model.capacity_scale = 0
     with pytest.raises(ValueError, match='slot_policy'):
         model.slot_policy = 'first'
     model.keep_ratio = (0.5, 0.6)

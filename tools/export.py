@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument('--capacity', type=float,
                        help="slots of every gated node as a fraction of its tokens, filled by "
                             "--slot-policy")
+    parser.add_argument('--capacity-scale', type=float,
+                        help='multiplies the calibrated capacities (--budget or the checkpoint\'s '
+                             'offset): above 1, fewer kept tokens are cut, at a dearer graph')
     parser.add_argument('--slot-policy', choices=['threshold', 'top'],
                         help="which tokens fill the slots (default: the backbone's, 'threshold')")
     parser.add_argument('--shape', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'),
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     _, model = analysis.load_model(args.config, args.checkpoint, args.cfg_options, args.device)
     backbone = find_dit(model)
     try:
+        if args.capacity_scale is not None:
+            backbone.capacity_scale = args.capacity_scale
         set_routing(backbone, budget=args.budget, keep_ratio=args.keep_ratio,
                     capacity=args.capacity, slot_policy=args.slot_policy, dense=args.dense)
         report = export(model, args.format, args.out, shape=tuple(args.shape),

@@ -185,6 +185,9 @@ class DiT(BaseModule):
             in ``(0, 1]`` for every gated node, or a dict ``{'s0_t1': 0.5,
             ...}`` / ``{(0, 1): 0.5}`` with a fraction in ``[0, 1]`` per
             node (0 skips the node; unlisted nodes get 1).
+        capacity_scale: Multiplies the calibrated capacities (clamped at
+            every token): above 1, fewer kept tokens are cut from images
+            that keep more than the calibration's mean, at a dearer graph.
         slot_policy: Which tokens fill the slots of a calibrated or
             ``capacity`` node: ``'threshold'`` (the gate's kept tokens,
             best first; leftover slots are padding whose outputs are
@@ -237,6 +240,7 @@ class DiT(BaseModule):
                  budget: Optional[float] = None,
                  static_shapes: bool = False,
                  capacity: Capacity = None,
+                 capacity_scale: float = 1.0,
                  slot_policy: str = 'threshold',
                  embed_norm_eps: float = 1e-5,
                  pretrained: Optional[str] = None,
@@ -292,6 +296,7 @@ class DiT(BaseModule):
         self.sparse_training = bool(sparse_training)
         self.static_shapes = static_shapes
         self.capacity = capacity
+        self.capacity_scale = capacity_scale
         self.slot_policy = slot_policy
         self.generator: Optional[torch.Generator] = None  # Gumbel noise source
         inits = dict(diagonal=2.0, off_diagonal=0.0, column=0.0)
@@ -432,6 +437,19 @@ class DiT(BaseModule):
         self._fractions = None
 
     @property
+    def capacity_scale(self) -> float:
+        """Factor on the calibrated capacities (see the class docstring)."""
+        return self._capacity_scale
+
+    @capacity_scale.setter
+    def capacity_scale(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f'capacity_scale={value!r} must be a positive number (1: the '
+                             "calibration's mean keep fractions)")
+        self._capacity_scale = float(value)
+        self._fractions = None
+
+    @property
     def slot_policy(self) -> str:
         return self._slot_policy
 
@@ -474,7 +492,8 @@ class DiT(BaseModule):
                     'capacity, or use a checkpoint whose calibration stored capacities; '
                     f'{CALIBRATE_HINT}')
             table = self.dial.keep_at(self.gate_offset())
-            fractions = {n: table[k] for k, n in enumerate(self.spec.nodes) if n in gated}
+            fractions = {n: min(1.0, self.capacity_scale * table[k])
+                         for k, n in enumerate(self.spec.nodes) if n in gated}
         self._fractions, self._fractions_of = fractions, self.dial.version
         return fractions
 
