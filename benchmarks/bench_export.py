@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import machine, write_result  # noqa: E402
 from dit_mm import DiT  # noqa: E402
 from dit_mm.models import slots  # noqa: E402
 from dit_mm.models.cost_model import uniform_keep_for_budget  # noqa: E402
@@ -202,13 +202,8 @@ def main(argv=None) -> dict:
                     rows[name]['ms_by_op'] = profile_ops(paths[name], opts,
                                                          {'inputs': x.numpy()})
             res['results'][f'batch_{batch}'] = rows
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), 'results',
-        f'export-{args.runtime}-cpu-torch{torch.__version__.split("+")[0]}.json')
-    with open(out, 'w') as f:
-        json.dump(res, f, indent=2)
-        f.write('\n')
-    print(f'wrote {out}')
+    write_result(res, args.out,
+                 f'export-{args.runtime}-cpu-torch{torch.__version__.split("+")[0]}.json')
     return res
 
 

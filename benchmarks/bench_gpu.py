@@ -33,7 +33,6 @@ batch 8. Writes ``benchmarks/results/gpu-<device>-torch<version>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import machine, write_result  # noqa: E402
 from dit_mm import DiT  # noqa: E402
 from dit_mm.models.cost_model import uniform_keep_for_budget  # noqa: E402
 
@@ -192,13 +191,8 @@ def main(argv=None) -> dict:
                       + f' | mu0.86 / pvtv2 {row["mu_vs_pvtv2"]:.3f}', flush=True)
     res['seconds'] = round(time.perf_counter() - t_start, 1)
     dev = device.split(':')[0]
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), 'results',
-        f'gpu-{dev}{"-quick" if args.quick else ""}-torch{torch.__version__.split("+")[0]}.json')
-    with open(out, 'w') as f:
-        json.dump(res, f, indent=2)
-        f.write('\n')
-    print(f'wrote {out} ({res["seconds"]} s)')
+    write_result(res, args.out, f'gpu-{dev}{"-quick" if args.quick else ""}'
+                                f'-torch{torch.__version__.split("+")[0]}.json')
     return res
 
 

@@ -29,3 +29,15 @@ def machine(device: str = 'cpu') -> dict:
     except ImportError:
         pass
     return out
+
+
+def write_result(res: dict, out: str | None, name: str) -> str:
+    """Writes ``res`` as JSON to ``out``, or to ``benchmarks/results/<name>``."""
+    import json
+    import os
+    path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', name)
+    with open(path, 'w') as f:
+        json.dump(res, f, indent=2)
+        f.write('\n')
+    print(f'wrote {path}')
+    return path

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import machine, write_result  # noqa: E402
 from dit_mm import analysis  # noqa: E402
 from dit_mm.engine.hooks import find_dit  # noqa: E402
 
@@ -115,12 +115,7 @@ def main(argv=None) -> dict:
             res['results'][key][mode] = row
             print(key, mode, json.dumps(row), flush=True)
     scale = '' if args.capacity_scale == 1.0 else f'-scale{args.capacity_scale:g}'
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                   f'static-shapes-toy-main-job{scale}.json')
-    with open(out, 'w') as f:
-        json.dump(res, f, indent=2)
-        f.write('\n')
-    print(f'wrote {out}')
+    write_result(res, args.out, f'static-shapes-toy-main-job{scale}.json')
     return res
 
 

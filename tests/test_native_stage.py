@@ -20,8 +20,10 @@ def _stage(dim: int = 40, sr: int = 2, depth: int = 2, heads: int = 2) -> Routed
     return stage.eval()
 
 
-def _both(stage: RoutedStage, x, hw, keep, monkeypatch=None):
-    """(native result, Python result, whether the native program ran)."""
+def _spy_program(monkeypatch) -> list:
+    """A list that records, for every call of the stage program from the
+    model, whether it ran (``packed_forward`` returned a result)."""
+    from dit_mm.models import blocks
     ran = []
     real = native_stage.packed_forward
 
@@ -29,9 +31,13 @@ def _both(stage: RoutedStage, x, hw, keep, monkeypatch=None):
         out = real(*args)
         ran.append(out is not None)
         return out
-    if monkeypatch is not None:
-        from dit_mm.models import blocks
-        monkeypatch.setattr(blocks, 'packed_forward', spy)
+    monkeypatch.setattr(blocks, 'packed_forward', spy)
+    return ran
+
+
+def _both(stage: RoutedStage, x, hw, keep, monkeypatch=None):
+    """(native result, Python result, whether the native program ran)."""
+    ran = [] if monkeypatch is None else _spy_program(monkeypatch)
     with torch.no_grad():
         stage.native = True
         fast = stage.forward_sparse(x, hw, keep)
@@ -70,17 +76,9 @@ def test_native_dense_stage_matches_pvtv2_blocks(monkeypatch, sr):
     """Every token kept: the program's dense mode (folded norms, batched
     attention, the kernel's depthwise conv) against timm's blocks in
     Python, and the packed route at 100 % kept takes it too."""
-    from dit_mm.models import blocks
     stage = _stage(40, sr, depth=2)
     x = torch.randn(3, 48, 40)
-    ran = []
-    real = native_stage.packed_forward
-
-    def spy(*args):
-        out = real(*args)
-        ran.append(out is not None)
-        return out
-    monkeypatch.setattr(blocks, 'packed_forward', spy)
+    ran = _spy_program(monkeypatch)
     with torch.no_grad():
         fast = stage.forward_dense(x, (6, 8))
         packed = stage.forward_sparse(x, (6, 8), torch.ones(3, 48, dtype=torch.bool))
