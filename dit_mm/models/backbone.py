@@ -939,10 +939,10 @@ class DiT(BaseModule):
             tok_e, map_e = block_elementwise(n, sizes[i], dims[i], self.spec.sr_ratios[i],
                                              self.spec.mlp_ratios[i])
             depth = self.spec.depth(i, j)
-            kept = slots.get((i, j), n) if self._row_gated(i, j) else n  # slots
+            gated = self._row_gated(i, j)
+            kept = slots.get((i, j), n) if gated else n  # slots
             if kept == 0:
                 continue
-            gated = self._row_gated(i, j)
             taps = 9 * int(dims[i] * self.spec.mlp_ratios[i])
             dense_dw = 0.0
             if not (gated and self.static_shapes) or _slots.DWCONV == 'map':
