@@ -76,7 +76,6 @@ def test_masked_gradient_reaches_the_gate_mask():
 
 def test_sparse_kernel_matches_the_dense_conv_fallback(monkeypatch):
     from dit_mm.accel.cpu import sparse_ops
-    from dit_mm.models import blocks
     if not sparse_ops.extension_available():
         pytest.skip('no C++ compiler: only the fallback path exists here')
     stage = _stage()
@@ -85,7 +84,7 @@ def test_sparse_kernel_matches_the_dense_conv_fallback(monkeypatch):
     stage.native = False  # the Python packed path, with and without the kernel
     with torch.no_grad():
         fused = stage.forward_sparse(x, (9, 11), keep)
-        monkeypatch.setattr(blocks, 'kernel_applies', lambda t: False)
+        monkeypatch.setattr(sparse_ops, 'kernel_applies', lambda t: False)
         fallback = stage.forward_sparse(x, (9, 11), keep)
     assert torch.allclose(fused, fallback, atol=1e-5)
 
@@ -153,14 +152,14 @@ def test_kernel_is_built_with_openmp():
 def test_folded_norm_path_matches_the_plain_path_with_gradients(monkeypatch):
     """The packed path folds norm1's affine into the SR conv / kv linear;
     values and parameter gradients equal the unfolded computation."""
-    from dit_mm.models import blocks
+    from dit_mm.accel import folding
     for sr in (1, 2):
         stage = _stage(sr).train()
         x = torch.randn(2, 6 * 8, 32)
         keep = torch.rand(2, 48) < torch.tensor([[0.3], [0.8]])
         grads = []
-        for foldable in (blocks.foldable, lambda blk, eps: False):
-            monkeypatch.setattr(blocks, 'foldable', foldable)
+        for foldable in (folding.foldable, lambda blk, eps: False):
+            monkeypatch.setattr(folding, 'foldable', foldable)
             stage.zero_grad()
             out = stage.forward_sparse(x, (6, 8), keep)
             out.pow(2).sum().backward()
@@ -270,15 +269,16 @@ def test_mostly_kept_nodes_compute_densely_with_the_same_values():
     x = torch.randn(2, 64, 32)
     keep = torch.ones(2, 64, dtype=torch.bool)
     keep[0, 5] = keep[1, 17] = False  # 98 % kept
-    assert keep.float().mean() > stage.dense_above
+    from dit_mm.accel.cpu.packed import DENSE_ABOVE
+    assert keep.float().mean() > DENSE_ABOVE
     calls = []
-    held = stage._forward_held
-    stage._forward_held = lambda *a: calls.append(1) or held(*a)
+    held = stage.forward_masked  # the dense route: skipped tokens held
+    stage.forward_masked = lambda *a: calls.append(1) or held(*a)
     with torch.no_grad():
         dense = stage.forward_sparse(x, (8, 8), keep)
-        masked = stage.forward_masked(x, (8, 8), keep.float())
         stage.dense_above = 1.0
         packed = stage.forward_sparse(x, (8, 8), keep)
+        masked = held(x, (8, 8), keep.float())
     assert calls == [1]  # only the first call took the dense route
     assert torch.allclose(dense, packed, atol=1e-5)
     assert torch.allclose(dense, masked, atol=1e-5)
@@ -294,11 +294,11 @@ def test_accelerator_threshold_does_not_apply_on_the_cpu():
     x = torch.randn(2, 64, 32)
     keep = torch.rand(2, 64) < 0.5
     calls = []
-    held = stage._forward_held
-    stage._forward_held = lambda *a: calls.append(1) or held(*a)
+    held = stage.forward_masked  # the dense route: skipped tokens held
+    stage.forward_masked = lambda *a: calls.append(1) or held(*a)
     with torch.no_grad():
         packed = stage.forward_sparse(x, (8, 8), keep)
-        masked = stage.forward_masked(x, (8, 8), keep.float())
+        masked = held(x, (8, 8), keep.float())
     assert calls == [] and torch.allclose(packed, masked, atol=1e-5)
 
 
@@ -372,7 +372,7 @@ def test_masked_linear_equals_the_masked_output_in_both_forms(rows):
     """fc(x) * hard, whether the mask rides on the input (many rows) or is
     applied to the output (few rows); exactly zero where hard == 0, with the
     same gradients."""
-    from dit_mm.models.blocks import _masked_linear
+    from dit_mm.accel.cpu.masked_ops import masked_linear as _masked_linear
     fc = torch.nn.Linear(16, 64)
     x = torch.randn(2, rows, 16, requires_grad=True)
     hard = (torch.rand(2, rows, 1) < 0.6).float()
@@ -394,7 +394,7 @@ def test_padded_attention_equals_one_call_per_image():
     """The packed queries of all images in one zero-padded attention call:
     the same values and gradients (queries, keys, values) as one call per
     image; padding is used only when it wastes little."""
-    from dit_mm.models.blocks import _attention_packed, _padded_rows
+    from dit_mm.accel.cpu.packed import _attention_packed, _padded_rows
     assert _padded_rows([10], torch.device('cpu')) is None  # one image: nothing to pad
     assert _padded_rows([10, 2], torch.device('cpu')) is None  # 20 rows for 12 kept
     counts = [9, 8, 7]
@@ -423,7 +423,7 @@ def test_padded_attention_equals_one_call_per_image():
 def test_touched_patches_are_the_sr_patches_that_hold_kept_tokens(hw):
     """Brute force: a patch is touched when the SR conv's window over it
     holds a kept token; ``rows[slots]`` are the kept tokens inside."""
-    from dit_mm.models.blocks import _touched_patches
+    from dit_mm.accel.cpu.packed import _touched_patches
     sr = torch.nn.Conv2d(8, 8, 4, stride=4)
     B, (H, W) = 2, hw
     keep = torch.zeros(B, H * W, dtype=torch.bool)
@@ -449,7 +449,7 @@ def test_few_kept_tokens_keys_values_without_rewriting_the_map(monkeypatch, hw, 
     the stage input's map plus the touched SR patches: the same values and
     gradients (input, gate, SR conv and norm weights) as rewriting the map
     at every block."""
-    from dit_mm.models import blocks
+    from dit_mm.accel.cpu import packed
     torch.manual_seed(0)
     stage = _stage(sr=4).train()
     stage.with_cp = with_cp
@@ -459,11 +459,11 @@ def test_few_kept_tokens_keys_values_without_rewriting_the_map(monkeypatch, hw, 
     gate.view(-1)[torch.tensor([3, 40, 41, N - 1, N + 100])] = 1.0
     gate.requires_grad_(True)
     kept = gate.detach() > 0.5
-    assert blocks._touched_patches(kept.view(-1).nonzero().squeeze(1), B, hw,
+    assert packed._touched_patches(kept.view(-1).nonzero().squeeze(1), B, hw,
                                    stage.blocks[0].attn.sr) is not None
     results = []
-    for up_to in (blocks.PATCH_KV_UP_TO, -1.0):  # -1: never patched
-        monkeypatch.setattr(blocks, 'PATCH_KV_UP_TO', up_to)
+    for up_to in (packed.PATCH_KV_UP_TO, -1.0):  # -1: never patched
+        monkeypatch.setattr(packed, 'PATCH_KV_UP_TO', up_to)
         stage.zero_grad()
         x.grad = gate.grad = None
         out = stage.forward_sparse(x, hw, kept, gate=gate)
@@ -538,15 +538,15 @@ def test_sparse_training_with_an_image_that_keeps_nothing_matches_the_masked_pat
 
 @pytest.mark.parametrize('kernel', [True, False])
 def test_padded_packed_rows_change_no_value_or_gradient(monkeypatch, kernel):
-    """Padding rows (:func:`dit_mm.accel.bucket_rows`) are isolated: sparse
+    """Padding rows (:func:`dit_mm.accel.cpu.onednn.bucket_rows`) are isolated: sparse
     training with 37 of them gives the values and gradients (input, gate,
     weights) of the unpadded rows; with the dense-conv MLP (no kernel)
     nothing is padded."""
-    from dit_mm.models import blocks
+    from dit_mm.accel.cpu import onednn, sparse_ops
     torch.manual_seed(0)
     stage = _stage(sr=2).train()
     if not kernel:
-        monkeypatch.setattr(blocks, 'kernel_applies', lambda t: False)
+        monkeypatch.setattr(sparse_ops, 'kernel_applies', lambda t: False)
     x = torch.randn(2, 8 * 8, 32, requires_grad=True)
     gate = (torch.rand(2, 64) < torch.tensor([[0.7], [0.4]])).float().requires_grad_()
     kept = gate.detach() > 0.5
@@ -554,7 +554,7 @@ def test_padded_packed_rows_change_no_value_or_gradient(monkeypatch, kernel):
                stage.blocks[1].mlp.dwconv.weight, stage.blocks[0].attn.sr.weight]
     results = []
     for pad in (0, 37):
-        monkeypatch.setattr(blocks, 'bucket_rows', lambda rows, x, pad=pad: rows + pad)
+        monkeypatch.setattr(onednn, 'bucket_rows', lambda rows, x, pad=pad: rows + pad)
         stage.zero_grad()
         x.grad = gate.grad = None
         out = stage.forward_sparse(x, (8, 8), kept, gate=gate)
@@ -568,11 +568,11 @@ def test_padded_packed_rows_change_no_value_or_gradient(monkeypatch, kernel):
 @pytest.mark.parametrize('pad', [0, 5])
 def test_two_images_with_the_same_row_count_match_the_masked_path(monkeypatch, pad):
     """Two images keeping nearly as many tokens each hold half of the padded
-    rows (:func:`dit_mm.models.blocks._row_layout`: padding before the first
+    rows (:func:`dit_mm.accel.cpu.packed._row_layout`: padding before the first
     image and after the second), and the attention reads the queries in
     place. Values and gradients (input, gate, weights) equal the masked
     path's and the tail-padded layout's."""
-    from dit_mm.models import blocks
+    from dit_mm.accel.cpu import onednn, packed
     torch.manual_seed(0)
     stage = _stage(sr=2).train()
     x = torch.randn(2, 8 * 8, 32, requires_grad=True)
@@ -581,20 +581,20 @@ def test_two_images_with_the_same_row_count_match_the_masked_path(monkeypatch, p
     gate[1, torch.randperm(64)[:40]] = 1  # 2 * 41 - 81 = 1 <= 0.02 * 81 extra rows
     gate.requires_grad_()
     kept = gate.detach() > 0.5
-    monkeypatch.setattr(blocks, 'bucket_rows', lambda rows, x: rows + pad)
+    monkeypatch.setattr(onednn, 'bucket_rows', lambda rows, x: rows + pad)
     strides = []
-    attention = blocks._attention_packed
+    attention = packed._attention_packed
 
     def spy(*args):
         strides.append(args[-1])
         return attention(*args)
-    monkeypatch.setattr(blocks, '_attention_packed', spy)
+    monkeypatch.setattr(packed, '_attention_packed', spy)
     weights = [stage.blocks[0].attn.q.weight, stage.blocks[1].mlp.fc1.weight,
                stage.blocks[1].mlp.dwconv.weight, stage.blocks[0].attn.sr.weight,
                stage.blocks[1].norm1.weight, stage.blocks[1].norm1.bias]
     results = []
     for path, same in (('sparse', 0.02), ('sparse', -1.0), ('masked', 0.02)):
-        monkeypatch.setattr(blocks, 'SAME_COUNT_UP_TO', same)
+        monkeypatch.setattr(packed, 'SAME_COUNT_UP_TO', same)
         stage.zero_grad()
         x.grad = gate.grad = None
         if path == 'masked':

@@ -176,6 +176,20 @@ def test_imports_point_one_way(graph):
                    if _part(m) == part for t in ts), part
 
 
+def test_models_use_a_handful_of_names_from_the_seam():
+    """The node is the unit of execution: ``models`` asks the seam to run a
+    node (``run_node``) and for the few ops of its dense and masked forwards,
+    not for an executor's parts (tables, kernels, row buckets)."""
+    import dit_mm.accel as accel
+    names = set()
+    for path in (PACKAGE / 'models').rglob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ('accel', 'dit_mm.accel'):
+                names |= {alias.name for alias in node.names}
+    assert 'run_node' in names and names <= set(accel.__all__)
+    assert len(names) <= 6, sorted(names)
+
+
 def test_the_checks_catch_cycles_and_wrong_way_imports(tmp_path):
     """A made-up package with a function-level relative import from accel
     back into models, and a cycle through it."""

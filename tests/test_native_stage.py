@@ -23,7 +23,6 @@ def _stage(dim: int = 40, sr: int = 2, depth: int = 2, heads: int = 2) -> Routed
 def _spy_program(monkeypatch) -> list:
     """A list that records, for every call of the stage program from the
     model, whether it ran (``packed_forward`` returned a result)."""
-    from dit_mm.models import blocks
     ran = []
     real = native_stage.packed_forward
 
@@ -31,7 +30,7 @@ def _spy_program(monkeypatch) -> list:
         out = real(*args)
         ran.append(out is not None)
         return out
-    monkeypatch.setattr(blocks, 'packed_forward', spy)
+    monkeypatch.setattr(native_stage, 'packed_forward', spy)
     return ran
 
 

@@ -12,7 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import make_dit, spread_gates
 from dit_mm.analysis.calibration import apply_calibration, calibrate
-from dit_mm.models.slots import choose_slots, neighbour_slots, run_slots, slot_count
+from dit_mm.models.slots import (
+    choose_slots,
+    kept_slots,
+    neighbour_slots,
+    run_slots,
+    slot_count,
+)
 
 SIZE = (96, 64)
 
@@ -70,6 +76,49 @@ def test_slot_policies_and_counts():
     assert [slot_count(f, 10) for f in (0.0, 0.01, 0.5, 0.55, 1.0)] == [0, 1, 5, 6, 10]
     with pytest.raises(ValueError, match='threshold'):
         choose_slots(score, keep, 2, 'random')
+
+
+def test_kept_slots_put_each_images_kept_tokens_first():
+    """The eager slot layout: every kept token in a valid slot, in token
+    order, then skipped tokens as padding; distinct per image."""
+    keep = torch.rand(3, 50) < torch.tensor([[0.2], [0.7], [0.0]])
+    most = int(keep.sum(1).max())
+    slots, valid = kept_slots(keep, most)
+    assert slots.shape == valid.shape == (3, most)
+    for b in range(3):
+        n = int(keep[b].sum())
+        assert valid[b].tolist() == [True] * n + [False] * (most - n)
+        assert slots[b, :n].tolist() == keep[b].nonzero().squeeze(1).tolist()
+        assert len(set(slots[b].tolist())) == most
+
+
+@pytest.mark.parametrize('dwconv', ['taps', 'map'])
+def test_slot_path_equals_the_masked_path_with_gradients(dwconv):
+    """The model's own sparse path (slots, with the gate's blend) against the
+    masked path: values, and gradients of input, gate and weights."""
+    torch.manual_seed(0)
+    stage = _model(keep_ratio=1.0).stages['s0_t1']  # eval: no drop path to replay
+    hw = (12, 8)
+    x = torch.randn(2, 96, 32, requires_grad=True)
+    gate = (torch.rand(2, 96) < torch.tensor([[0.3], [0.8]])).float().requires_grad_()
+    kept = gate.detach() > 0.5
+    results = []
+    for path in ('slots', 'masked'):
+        stage.zero_grad()
+        x.grad = gate.grad = None
+        if path == 'masked':
+            out = stage.forward_masked(x, hw, gate)
+        else:
+            slots, valid = kept_slots(kept, int(kept.sum(1).max()))
+            y = run_slots(stage.blocks, stage.norm, x, hw, slots, valid, dwconv=dwconv)
+            out = torch.lerp(x, y, gate.unsqueeze(-1))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        # the masked path also gives skipped tokens' gate B(x) - x; compare kept ones
+        results.append((out.detach(), x.grad.clone(), gate.grad[kept].clone(),
+                        stage.blocks[0].mlp.dwconv.weight.grad.clone(),
+                        stage.blocks[0].attn.q.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_padding_slots_change_nothing():

@@ -1,41 +1,36 @@
 """The dispatch seam: the one place where the model meets its executors.
 
-:mod:`dit_mm.models` computes in plain PyTorch except for the operations
-below, which it calls through this module and nothing else in
-:mod:`dit_mm.accel`. For each call the seam picks the executor registered
-for the input's device (:data:`EXECUTORS`) if that executor takes the
-input's dtype, and otherwise runs the plain-PyTorch reference
-(:mod:`.reference`):
+The model (:mod:`dit_mm.models`) computes in plain PyTorch. It hands this
+module two kinds of work, and for each call the seam picks the executor
+registered for the input's device (:data:`EXECUTORS`) if that executor
+takes the input's dtype, else it runs the plain-PyTorch reference
+(:mod:`.reference`) or lets the model run its own path:
 
 ======================================  ====================================
-operation                               reference
+operation                               without an executor
 ======================================  ====================================
+``run_node``: a grid node's blocks on   ``None``: the model runs its own
+its kept tokens (or on every token)     path (slots, :mod:`dit_mm.models.slots`)
 ``linear``, ``linear_module``           ``F.linear``
 ``conv2d``                              the module (or ``F.conv2d``), + GELU
-``bucket_rows``                         the row count itself
-``write_rows``                          ``index_copy_``
+``masked_linear``                       ``F.linear(x) * mask``
 ``held_norm``                           ``LayerNorm``, then ``lerp``
-``kernel_applies``                      ``False``: the model's dense
-                                        depthwise conv on a zero-filled map
-``neighbour_table``,                    :mod:`.reference` (the model calls
-``sparse_dwconv_gelu``                  them only where ``kernel_applies``)
-``native_applies``, ``packed_forward``  ``False`` / ``None``: the model's
-                                        packed forward in Python
-``prepared``                            ``fn(*params)``, not cached
-``foldable``                            ``False``: ``norm1`` is computed,
-                                        not folded into the weights
-``forget_prepared``, ``forget_stage``   always run (they only drop caches)
+``forget``                              always runs (it only drops caches)
 ======================================  ====================================
 
-**Tracers and exporters see the reference.** While ``torch.jit.trace``
-(also the TorchScript-based ``torch.onnx.export``) or ``torch.export``
-records (:func:`recording`), every operation takes its reference, as with
-acceleration off: a graph holds plain ATen ops, never an executor's
-reordered weights or C++ calls, and no weight is prepared from a traced or
-fake tensor.
+``run_node`` is the unit of execution: an executor gets a whole node
+(:class:`dit_mm.models.blocks.RoutedStage`) and its kept tokens, and may
+run it any way that gives the same values (the CPU executor: a C++
+program, or a packed path with its own training tricks,
+:mod:`.cpu.packed`). The op-level entries serve the dense and masked
+forwards, which the model writes out itself.
 
-``fold_conv``, ``fold_linear``, ``fusable`` and ``exact_gelu``
-(:mod:`.folding`) are re-exported as they are.
+**Tracers and exporters see the reference.** While ``torch.jit.trace``
+(also the TorchScript-based ``torch.onnx.export``), ``torch.export`` or
+``torch.compile`` records (:func:`recording`), every operation takes its
+reference, as with acceleration off: a graph holds plain ATen ops, never an
+executor's reordered weights or C++ calls, and no weight is prepared from a
+traced or fake tensor.
 
 **One switch runs the reference everywhere.** ``DIT_MM_ACCEL=0`` in the
 environment (read once, when :mod:`dit_mm` is imported), or
@@ -72,26 +67,19 @@ import torch.nn as nn
 
 from . import cpu, reference
 from .cache import forget_prepared as _forget_prepared
-from .cache import prepared as _prepared
-from .folding import exact_gelu, fold_conv, fold_linear, fusable
-from .folding import foldable as _foldable
 
 #: Device type -> executor (a module with the names of :data:`EXECUTOR_API`).
 EXECUTORS = {'cpu': cpu}
 
 #: What an executor provides: the dtypes it takes, and one function per
 #: dispatched operation (same signatures as :mod:`dit_mm.accel.cpu`).
-EXECUTOR_API = ('DTYPES', 'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows',
-                'held_norm', 'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu',
-                'native_applies', 'packed_forward', 'forget')
+EXECUTOR_API = ('DTYPES', 'run_node', 'linear', 'linear_module', 'conv2d', 'masked_linear',
+                'held_norm', 'forget')
 
 _enabled = os.environ.get('DIT_MM_ACCEL', '1') != '0'
 
 __all__ = ['EXECUTORS', 'EXECUTOR_API', 'enabled', 'set_enabled', 'recording', 'executor',
-           'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows', 'held_norm',
-           'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu', 'native_applies',
-           'packed_forward', 'forget_stage', 'prepared', 'forget_prepared', 'foldable', 'fold_conv',
-           'fold_linear', 'fusable', 'exact_gelu']
+           'run_node', 'linear', 'linear_module', 'conv2d', 'masked_linear', 'held_norm', 'forget']
 
 
 # ------------------------------------------------------------------ switch
@@ -146,6 +134,31 @@ def executor(t: torch.Tensor):
 
 
 # ------------------------------------------------------- dispatched ops
+def run_node(stage: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
+             keep: Optional[torch.Tensor] = None,
+             gate: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """A grid node run by the executor that takes ``x``, or ``None``: then
+    the model computes it itself, with the same values.
+
+    Args:
+        stage: A :class:`dit_mm.models.blocks.RoutedStage`.
+        x: Tokens ``(B, N, C)``.
+        hw: Map size ``(H, W)``, ``H * W == N``.
+        keep: Boolean ``(B, N)``: the tokens whose blocks run (images may
+            keep different numbers, none or all); ``None``: every token
+            (:meth:`~dit_mm.models.blocks.RoutedStage.forward_dense`).
+        gate: Sparse training: the hard 0/1 gate behind ``keep``, carrying
+            its straight-through gradient; the output is then
+            ``x + gate * (B(x) - x)``.
+
+    Returns:
+        ``(B, N, C)`` with kept tokens updated and the others unchanged, or
+        ``None``.
+    """
+    ex = executor(x)
+    return None if ex is None else ex.run_node(stage, x, hw, keep, gate)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            owner: Optional[nn.Module] = None, key: str = 'linear',
            rows_vary: bool = False) -> torch.Tensor:
@@ -157,16 +170,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if ex is None:
         return reference.linear(x, weight, bias)
     return ex.linear(x, weight, bias, owner, key, rows_vary=rows_vary)
-
-
-def bucket_rows(rows: int, x: torch.Tensor) -> int:
-    """The row count, ``>= rows``, at which the packed path runs ``rows``
-    kept tokens of ``x``: an executor whose kernels are built per shape may
-    pad them to a few repeating sizes (sparse training on the CPU:
-    :func:`dit_mm.accel.cpu.onednn.bucket_rows`). The padding rows are the
-    model's to isolate; the reference pads nothing."""
-    ex = executor(x)
-    return rows if ex is None else ex.bucket_rows(rows, x)
 
 
 def linear_module(layer: nn.Linear, x: torch.Tensor, rows_vary: bool = False) -> torch.Tensor:
@@ -190,12 +193,13 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
     return ex.conv2d(conv, x, weight, bias, key, gelu)
 
 
-def write_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.index_copy_(0, idx, src)`` for distinct rows ``idx``."""
-    ex = executor(dst)
+def masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """``fc(x) * hard`` for a 0/1 mask ``hard (B, N, 1)`` (the masked path's
+    MLP input: zero at held tokens)."""
+    ex = executor(x)
     if ex is None:
-        return reference.write_rows(dst, idx, src)
-    return ex.write_rows(dst, idx, src)
+        return reference.masked_linear(fc, x, hard)
+    return ex.masked_linear(fc, x, hard)
 
 
 def held_norm(norm: nn.Module, x: torch.Tensor, x0: torch.Tensor,
@@ -212,70 +216,12 @@ def held_norm(norm: nn.Module, x: torch.Tensor, x0: torch.Tensor,
     return ex.held_norm(norm, x, x0, mask)
 
 
-def kernel_applies(h: torch.Tensor) -> bool:
-    """Whether an executor runs :func:`sparse_dwconv_gelu` on the packed
-    hidden rows ``h`` (else the model's dense conv on a zero-filled map)."""
-    ex = executor(h)
-    return ex is not None and ex.kernel_applies(h)
-
-
-def neighbour_table(idx: torch.Tensor, batch: int, hw: Tuple[int, int]) -> torch.Tensor:
-    """Packed rows of the 3x3 neighbours of the kept tokens
-    (:func:`dit_mm.accel.reference.neighbour_table`)."""
-    ex = EXECUTORS.get(idx.device.type) if _dispatching() else None
-    if ex is None:
-        return reference.neighbour_table(idx, batch, hw)
-    return ex.neighbour_table(idx, batch, hw)
-
-
-def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: nn.Conv2d,
-                       gelu: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``GELU(dwconv3x3)`` at the kept tokens (call where :func:`kernel_applies`)."""
-    ex = executor(h)
-    if ex is None:
-        return reference.sparse_dwconv_gelu(h, nbr, conv, gelu, out)
-    return ex.sparse_dwconv_gelu(h, nbr, conv, gelu, out)
-
-
-def native_applies(stage: nn.Module, x: torch.Tensor) -> bool:
-    """Whether an executor may run the whole packed forward of ``stage``
-    (a :class:`dit_mm.models.blocks.RoutedStage`) on ``x``."""
-    ex = executor(x)
-    return ex is not None and ex.native_applies(stage, x)
-
-
-def packed_forward(stage: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
-                   idx: torch.Tensor) -> Optional[torch.Tensor]:
-    """The executor's packed forward of ``stage`` at the sorted kept rows
-    ``idx`` (call where :func:`native_applies`), or ``None`` where it does
-    not cover the stage: then the model runs its own packed forward."""
-    ex = executor(x)
-    return None if ex is None else ex.packed_forward(stage, x, hw, idx)
-
-
-def forget_stage(stage: nn.Module) -> None:
-    """Drops every executor's state of ``stage`` (its stage program's plan)."""
-    for ex in EXECUTORS.values():
-        ex.forget(stage)
-
-
-# ---------------------------------------------------- prepared weights
-def prepared(owner: nn.Module, key: str, fn, *params: Optional[torch.Tensor]):
-    """``fn(*params)``, cached per weight version (:mod:`.cache`) while
-    acceleration is on and nothing is recorded (:func:`recording`)."""
-    if not _dispatching():
-        return fn(*params)
-    return _prepared(owner, key, fn, *params)
-
-
-def forget_prepared(module: nn.Module) -> None:
-    """Drops the prepared weights of ``module`` and its submodules."""
+def forget(module: nn.Module) -> None:
+    """Drops what the executors keep for ``module`` and its submodules:
+    prepared weights (:mod:`.cache`) and each node's executor state (the CPU
+    stage program's plan). Call when weights change without a version bump
+    (``p.data.copy_``) or move."""
     _forget_prepared(module)
-
-
-def foldable(blk: nn.Module, eps: float) -> bool:
-    """Whether the packed forward folds ``blk.norm1``'s affine part into the
-    weights that read it (:func:`dit_mm.accel.folding.foldable`); never with
-    acceleration off or under a tracer or exporter."""
-    return _dispatching() and _foldable(blk, eps)
-
+    for ex in EXECUTORS.values():
+        for m in module.modules():
+            ex.forget(m)

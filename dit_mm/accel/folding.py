@@ -1,7 +1,7 @@
 """Norm folding, and the PVTv2 block shapes the fast paths cover.
 
-Plain PyTorch, on any device. The packed forward of
-:class:`dit_mm.models.blocks.RoutedStage` folds each block's ``norm1``
+Plain PyTorch, on any device. The CPU executor's packed node forward
+(:mod:`dit_mm.accel.cpu.packed`) folds each block's ``norm1``
 affine into the weights that read it (query, SR conv or kv linear) where
 :func:`foldable` says it can; the CPU stage program
 (:mod:`dit_mm.accel.cpu.native_stage`) builds its plan from the same folds
@@ -23,7 +23,7 @@ def exact_gelu(act: nn.Module) -> bool:
 def foldable(blk: nn.Module, eps: float) -> bool:
     """Whether ``blk.norm1`` is a channel LayerNorm with affine weights and
     ``eps`` whose affine part the packed forward
-    (:func:`dit_mm.models.blocks._keys_values_folded`) can fold into the
+    (:func:`dit_mm.accel.cpu.packed._keys_values_folded`) can fold into the
     spatial reduction (a padding-free conv) or the kv linear."""
     norm, sr = blk.norm1, blk.attn.sr
     return (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine

@@ -35,6 +35,12 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
     return F.gelu(y) if gelu else y
 
 
+def masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """``fc(x) * hard`` for a 0/1 mask ``hard (B, N, 1)``: the masked path's
+    fc1, zero at held tokens."""
+    return F.linear(x, fc.weight, fc.bias) * hard
+
+
 def write_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``dst.index_copy_(0, idx, src)``: rows ``src (K, C)`` into
     ``dst (N, C)`` at the distinct rows ``idx``. Returns ``dst``."""
@@ -69,9 +75,8 @@ def sparse_dwconv_gelu(h: torch.Tensor, nbr: torch.Tensor, conv: nn.Conv2d,
     ``conv`` on a map that holds the packed rows ``h (K, C)`` at the kept
     positions and zeros elsewhere, read through the neighbour table ``nbr``
     (:func:`neighbour_table`). ``out`` is accepted for the executors'
-    signature and ignored. The model itself never needs this: without a
-    sparse kernel its packed forward runs the dense conv on a zero-filled
-    map (:func:`dit_mm.models.blocks._mlp_packed`), with the same values."""
+    signature and ignored. The CPU executor's packed path runs it where
+    its kernel does not apply (:mod:`dit_mm.accel.cpu.packed`)."""
     C = h.shape[1]
     taps = conv.weight.reshape(C, 9).t()
     rows = torch.cat([h, h.new_zeros(1, C)])  # row -1: the zero row

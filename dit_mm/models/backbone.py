@@ -11,7 +11,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from timm.models.pvt_v2 import OverlapPatchEmbed
 
-from ..accel import conv2d, forget_prepared
+from ..accel import conv2d, forget
 from ..utils.profiling import scope
 from . import slots as _slots
 from .blocks import RoutedStage, tokens_to_map
@@ -547,7 +547,7 @@ class DiT(BaseModule):
         # prepared (reordered, folded) weights are rebuilt after a mode switch:
         # mmengine's EMAHook swaps weights with p.data.copy_, which bumps no
         # version counter, just before validation
-        forget_prepared(self)
+        forget(self)
         super().train(mode)
         self._freeze_stages()
         return self

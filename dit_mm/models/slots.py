@@ -30,11 +30,12 @@ conv through a neighbour table, scatter): it runs on any device.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..utils.tokens import dropout, sdpa
 
 SLOT_POLICIES = ('threshold', 'top')
 
@@ -68,6 +69,22 @@ def choose_slots(score: torch.Tensor, keep: torch.Tensor, capacity: int,
     if policy == 'top':
         return slots, torch.ones_like(slots, dtype=torch.bool)
     return slots, keep.detach().gather(1, slots) > 0.5
+
+
+def kept_slots(keep: torch.Tensor, capacity: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Slots for eager routing: each image's kept tokens first (in token
+    order), then skipped tokens as padding, ``capacity`` in all.
+
+    Args:
+        keep: Boolean ``(B, N)``.
+        capacity: Slots per image, at least the most tokens an image keeps.
+
+    Returns:
+        ``slots (B, S)`` and ``valid (B, S)`` as :func:`choose_slots`.
+    """
+    order = keep.to(torch.int8).sort(dim=1, descending=True, stable=True).indices
+    slots = order[:, :capacity]
+    return slots, keep.gather(1, slots)
 
 
 def neighbour_slots(slots: torch.Tensor, valid: torch.Tensor,
@@ -118,11 +135,8 @@ def _attention(attn: nn.Module, q_in: torch.Tensor, xn: torch.Tensor,
     B, S, C = q_in.shape
     q = attn.q(q_in).reshape(B, S, attn.num_heads, attn.head_dim).transpose(1, 2)
     k, v = _keys_values(attn, xn, hw)
-    if attn.fused_attn:
-        o = F.scaled_dot_product_attention(q, k, v)
-    else:  # the explicit form, which FLOP counters read
-        o = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-    return attn.proj(o.transpose(1, 2).reshape(B, S, C))
+    o = sdpa(attn, q, k, v, attn.attn_drop.p if attn.training else 0.0)
+    return dropout(attn.proj_drop, attn.proj(o.transpose(1, 2).reshape(B, S, C)))
 
 
 #: How :func:`_mlp` runs the depthwise conv at the slots:
@@ -177,39 +191,55 @@ def _depthwise(conv: nn.Conv2d, h: torch.Tensor, where: SlotIndex) -> torch.Tens
 def _mlp(mlp: nn.Module, t: torch.Tensor, where: SlotIndex) -> torch.Tensor:
     """timm's ``MlpWithDepthwiseConv`` on the slot rows ``t (B * S, C)``."""
     h = mlp.act(_depthwise(mlp.dwconv, mlp.relu(mlp.fc1(t)), where))
-    return mlp.fc2(h)
+    return dropout(mlp.drop, mlp.fc2(dropout(mlp.drop, h)))
+
+
+def _slot_block(blk: nn.Module, t: torch.Tensor, t0: torch.Tensor, base: torch.Tensor,
+                where: SlotIndex) -> torch.Tensor:
+    """One block on the slot rows ``t``: the keys' and values' map is
+    ``base`` with the valid slots at their current value."""
+    B, (H, W) = where.batch, where.hw
+    C = t.shape[-1]
+    full = base.index_put((where.rows,), torch.where(where.keep, t, t0))
+    xn = blk.norm1(full)
+    q_in = xn.index_select(0, where.rows).view(B, -1, C)
+    t = t + _attention(blk.attn, q_in, xn.view(B, H * W, C), where.hw).reshape(-1, C)
+    return t + _mlp(blk.mlp, blk.norm2(t), where)
 
 
 def run_slots(blocks: Sequence[nn.Module], norm: nn.Module, x: torch.Tensor,
-              hw: Tuple[int, int], slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+              hw: Tuple[int, int], slots: torch.Tensor, valid: torch.Tensor,
+              checkpoint: Optional[Callable[..., torch.Tensor]] = None,
+              dwconv: Optional[str] = None) -> torch.Tensor:
     """A node's blocks and final norm on the token slots of each image.
 
     Args:
-        blocks: timm PVTv2 ``Block`` modules (inference: no drop path).
+        blocks: timm PVTv2 ``Block`` modules (their dropout applies in
+            training; drop path does not, as in every sparse path).
         norm: The stage-end ``LayerNorm``.
         x: Tokens ``(B, N, C)``.
         hw: Map size ``(H, W)``, ``H * W == N``.
         slots: ``(B, S)`` token indices, distinct per image (:func:`choose_slots`).
         valid: ``(B, S)`` bool: slots whose output is kept; the others are
             padding, computed and dropped.
+        checkpoint: ``checkpoint(fn, *args)`` runs each block (activation
+            checkpointing); default: called directly.
+        dwconv: ``'taps'`` or ``'map'`` (see :data:`DWCONV`, the default).
 
     Returns:
         ``(B, N, C)``: tokens at valid slots updated, all others unchanged.
     """
     B, N, C = x.shape
+    dwconv = DWCONV if dwconv is None else dwconv
     # flat rows: gathers and scatters of whole rows (ONNX Gather / ScatterND)
     rows = (slots + (torch.arange(B, device=x.device) * N).unsqueeze(1)).reshape(-1)
     keep = valid.reshape(-1, 1)
-    nbr = None if DWCONV == 'map' else neighbour_slots(slots, valid, hw)
+    nbr = None if dwconv == 'map' else neighbour_slots(slots, valid, hw)
     where = SlotIndex(rows, keep, nbr, hw, B)
     base = x.reshape(B * N, C)
     t0 = base.index_select(0, rows)
     t = t0
     for blk in blocks:
-        # the keys' and values' map: valid slots at their current value
-        full = base.index_put((rows,), torch.where(keep, t, t0))
-        xn = blk.norm1(full)
-        q_in = xn.index_select(0, rows).view(B, -1, C)
-        t = t + _attention(blk.attn, q_in, xn.view(B, N, C), hw).reshape(-1, C)
-        t = t + _mlp(blk.mlp, blk.norm2(t), where)
+        t = _slot_block(blk, t, t0, base, where) if checkpoint is None else checkpoint(
+            _slot_block, blk, t, t0, base, where)
     return base.index_put((rows,), torch.where(keep, norm(t), t0)).view(B, N, C)

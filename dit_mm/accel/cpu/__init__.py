@@ -9,13 +9,16 @@
 * :mod:`.masked_ops`: the masked training path's node output (final norm
   and held rows) in one C++ pass each way, from the same extension;
 * :mod:`.native_stage`: a grid node's packed forward as one C++ call
-  (``DIT_MM_NO_NATIVE=1`` or ``RoutedStage.native = False`` turn it off).
+  (``DIT_MM_NO_NATIVE=1`` or ``RoutedStage.native = False`` turn it off);
+* :mod:`.packed`: :func:`run_node`, the node forward on the kept tokens (the
+  stage program where it applies, else a packed path in Python with the
+  CPU's training tricks).
 
 This package is what :mod:`dit_mm.accel` registers for ``'cpu'``: the names
 below are the executor interface (:data:`dit_mm.accel.EXECUTOR_API`). Each
 function handles what it covers and falls back to
-:mod:`dit_mm.accel.reference` otherwise (``native_applies`` /
-``kernel_applies`` say ``False`` where the program / kernel cannot run).
+:mod:`dit_mm.accel.reference` otherwise (``run_node``: to ``None``, the
+model's own path).
 """
 from typing import Optional
 
@@ -23,17 +26,11 @@ import torch
 import torch.nn as nn
 
 from . import onednn
-from .masked_ops import held_norm
-from .native_stage import forget, native_applies, packed_forward
-from .onednn import bucket_rows, linear, linear_module
-from .sparse_ops import (
-    dwconv_gelu_map,
-    kernel_applies,
-    neighbour_table,
-    sparse_dwconv_gelu,
-    training_dwconv_applies,
-    write_rows,
-)
+from .masked_ops import held_norm, masked_linear
+from .native_stage import forget
+from .onednn import linear, linear_module
+from .packed import run_node
+from .sparse_ops import dwconv_gelu_map, training_dwconv_applies
 
 #: The dtypes the seam hands to this executor.
 DTYPES = (torch.float32,)
@@ -50,6 +47,5 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
     return onednn.conv2d(conv, x, weight, bias, key, gelu)
 
 
-__all__ = ['DTYPES', 'bucket_rows', 'linear', 'linear_module', 'conv2d', 'write_rows', 'held_norm',
-           'kernel_applies', 'neighbour_table', 'sparse_dwconv_gelu', 'native_applies',
-           'packed_forward', 'forget']
+__all__ = ['DTYPES', 'run_node', 'linear', 'linear_module', 'conv2d', 'masked_linear',
+           'held_norm', 'forget']

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from .. import reference
+from . import onednn
 from .sparse_ops import _extension, kernel_applies
 
 
@@ -83,3 +84,38 @@ class _HeldNorm(torch.autograd.Function):
         gw = gwb[0] if ctx.needs_input_grad[3] else None
         gb = gwb[1] if ctx.needs_input_grad[4] else None
         return gx if ctx.needs_input_grad[0] else None, None, gmask, gw, gb, None
+
+
+def masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """``fc(x) * hard`` for a 0/1 mask ``hard (B, N, 1)``, with the mask on the
+    narrow input instead of the wide output: the bias rides on the mask as
+    one more input channel, ``[x * hard, hard] @ [W, b]^T``, exactly zero
+    where ``hard == 0``. For the MLP's fc1 (8x wider output at strides 4 and
+    8) this saves a pass over the hidden map forward and backward (about a
+    quarter of fc1's time). Where the weight is as large as the activations
+    (fewer rows than 4x the input channels: the stride-32 node), joining it
+    to its bias at every call costs more, and the output is masked instead."""
+    if fc.bias is None:
+        return onednn.linear(x * hard, fc.weight)
+    if x.numel() < 4 * x.shape[-1] ** 2:
+        return onednn.linear_module(fc, x) * hard
+    joined = _MaskedJoin.apply(x, hard)
+    return onednn.linear(joined, torch.cat([fc.weight, fc.bias.unsqueeze(1)], dim=1))
+
+
+class _MaskedJoin(torch.autograd.Function):
+    """``cat([x * hard, hard], -1)`` for a detached 0/1 mask ``hard``, written
+    in one pass (the product and the concatenation were two)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hard)
+        out = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+        torch.mul(x, hard, out=out[..., :-1])
+        out[..., -1:] = hard
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hard, = ctx.saved_tensors
+        return grad[..., :-1] * hard, None
