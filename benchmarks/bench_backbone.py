@@ -1,7 +1,9 @@
 """Wall-clock benchmark: DiT against PVTv2, skipped against dense, side by side.
 
-    python benchmarks/bench_backbone.py [--out benchmarks/results.json] [--rounds 5]
+    python benchmarks/bench_backbone.py [--out FILE] [--rounds 5]
                                         [--sizes 224 512] [--malloc system keep] [--quick]
+
+(``FILE`` defaults to ``benchmarks/results/backbone-cpu-<family>-torch<version>.json``.)
 
 Every figure is a median over ``--rounds`` interleaved rounds (each round times
 every variant once, after two warm-up rounds), so drifts in machine load hit
@@ -39,6 +41,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 RATIOS = (1.0, 0.75, 0.5, 0.25)
+
+
+def default_out(benchmark: str) -> str:
+    """The default ``--out``: ``benchmarks/results/<benchmark>-cpu-<family>-torch<version>.json``
+    (family ``epyc`` or ``xeon``, left out for other CPUs)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = f.read().lower()
+    except OSError:
+        cpu = ''
+    family = next((f'-{t}' for t in ('epyc', 'xeon') if t in cpu), '')
+    return f'benchmarks/results/{benchmark}-cpu{family}-torch{torch.__version__.split("+")[0]}.json'
 
 
 def per_image_ratios(r: float, batch: int) -> List[float]:
@@ -433,7 +447,7 @@ def print_table(res: dict) -> None:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--out', default='benchmarks/results.json')
+    parser.add_argument('--out', default=default_out('backbone'))
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--malloc', nargs='+', choices=['system', 'keep'],
                         default=['system', 'keep'],

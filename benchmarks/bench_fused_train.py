@@ -3,7 +3,9 @@ interleaved in one process.
 
     python benchmarks/bench_fused_train.py [--inputs 512x512x2 800x1344x1]
                                            [--rounds 3] [--variants static full masked sparse_mu086]
-                                           [--out benchmarks/train_fused_ab.json]
+                                           [--out FILE]
+
+(``FILE`` defaults to ``benchmarks/results/train-fused-ab-cpu-<family>-torch<version>.json``.)
 
 Each variant of ``bench_train.py`` (same models, same step) runs twice per
 round: once with :data:`dit_mm.accel.cpu.sparse_ops.FUSED_TRAINING` on (the
@@ -32,7 +34,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_train  # noqa: E402
-from bench_backbone import interleaved  # noqa: E402
+from bench_backbone import default_out, interleaved  # noqa: E402
 
 from dit_mm.accel.cpu import sparse_ops  # noqa: E402
 from dit_mm.engine.runtime import keep_freed_memory  # noqa: E402
@@ -85,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         default=['static', 'full', 'masked', 'sparse_mu086'])
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--arch', default=bench_train.ARCH, help="DiT arch (default 'b2')")
-    parser.add_argument('--out')
+    parser.add_argument('--out', default=default_out('train-fused-ab'))
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error('--rounds must be at least 1')

@@ -4,7 +4,9 @@ the time of a masked step goes, node by node.
     python benchmarks/bench_train.py [--inputs 512x512x2 800x1344x1] [--rounds 3]
                                      [--allocators keep system] [--variants ...]
                                      [--no-memory] [--no-nodes] [--merge]
-                                     [--out benchmarks/train_results.json]
+                                     [--out FILE]
+
+(``FILE`` defaults to ``benchmarks/results/train-cpu-<family>-torch<version>.json``.)
 
 One step = forward and backward of the backbone alone at random init, with a
 squared-sum loss on its outputs plus, for the gated variants, the budget term
@@ -56,9 +58,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 try:
-    from bench_backbone import build_pair, interleaved, peak_rss_growth_mib
+    from bench_backbone import build_pair, default_out, interleaved, peak_rss_growth_mib
 except ImportError:  # imported as benchmarks.bench_train
-    from .bench_backbone import build_pair, interleaved, peak_rss_growth_mib
+    from .bench_backbone import build_pair, default_out, interleaved, peak_rss_growth_mib
 
 ALLOCATORS = ('keep', 'system')
 VARIANTS = ('pvtv2_mmdet', 'static', 'full', 'masked', 'masked_cp', 'sparse_init',
@@ -426,7 +428,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument('--arch', default='b2', help="DiT / PVTv2 arch (default 'b2')")
     parser.add_argument('--no-memory', action='store_true')
     parser.add_argument('--no-nodes', action='store_true')
-    parser.add_argument('--out', default='benchmarks/train_results.json')
+    parser.add_argument('--out', default=default_out('train'))
     parser.add_argument('--merge', action='store_true',
                         help="merge into --out: replace its runs of these inputs, keep the rest")
     args = parser.parse_args(argv)
