@@ -24,7 +24,8 @@ and input shapes. The report:
 survive a wall-clock check. It put 555 ms per step on ``aten::gelu_backward``
 in the full-grid step and 120 ms in the masked step on the same shapes, while
 the same op timed with ``perf_counter`` inside the step took 3-7 ms per call,
-and wrapping it did not change the step time (README, "Training cost"). Use
+and wrapping it did not change the step time (``docs/benchmarks.md``,
+"Training time (CPU)"). Use
 the report for which operators a step runs and how often; time whole steps
 or nodes with ``bench_train.py``.
 

@@ -1,4 +1,4 @@
-"""Tracing and export of DiT (README, "Deployment").
+"""Tracing and export of DiT (``docs/deployment.md``).
 
 Under ``torch.jit.trace``, ``torch.export`` and ``torch.onnx.export`` DiT
 computes the masked dense form of its routing: the eval decisions of the

@@ -12,7 +12,8 @@ turns it off). A training step reaches the same peak every iteration, so the
 heap it keeps costs nothing in steady state, while glibc's default hands the
 activations back to the kernel and page-faults them in again at every step:
 DiT-b2's full-grid step at 512x512, batch 2, took 1.4x as long that way
-(``benchmarks/bench_train.py``, README "Training cost").
+(``benchmarks/bench_train.py``; ``docs/benchmarks.md``, "Training time (CPU)";
+``docs/design.md``, "Timing on this machine: the allocator").
 """
 import argparse
 import os

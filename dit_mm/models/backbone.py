@@ -55,8 +55,9 @@ class RoutingRecord:
 
     A gated node is recorded by :meth:`add_gated_row` as its per-token
     probabilities and decisions; ``rows`` and ``active`` reduce them on first
-    access (an inference that never asks for its cost skips ~10 small ops per
-    node: 1-2 ms of a 35 ms DiT-b2 forward at 224x224).
+    access: an inference that never asks for its cost skips ~10 small ops per
+    node, a few per cent of a DiT-b2 forward at 224x224 (``docs/design.md``,
+    "Where the packed path stops scaling").
     """
 
     size: Tuple[int, int]
@@ -691,7 +692,7 @@ class DiT(BaseModule):
             'Python control flow and containers (RoutingRecord, keyword-configured gates) '
             'that TorchScript does not compile. Use torch.jit.trace, torch.export or '
             'torch.onnx.export instead: under a tracer or exporter DiT computes the masked '
-            'dense form of its routing (README, "Deployment")')
+            'dense form of its routing (docs/deployment.md)')
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -841,8 +842,8 @@ class DiT(BaseModule):
             raise ValueError(f'keep_ratio has {len(ratios)} per-image values for a batch of {B}')
         score = out.score.detach()
         hard = torch.zeros_like(score)
-        for b, r in enumerate(ratios):  # an unsorted top-k per image: a batched
-            # argsort of (4, 3136) scores took 0.55 ms, four top-k 0.03 ms
+        for b, r in enumerate(ratios):  # an unsorted top-k per image: far
+            # cheaper than a batched argsort (docs/design.md)
             k = _top_k_count(r, n)
             hard[b].index_fill_(0, score[b].topk(k, sorted=False).indices, 1.0)
         return straight_through(hard, out.mask)

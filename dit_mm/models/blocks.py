@@ -49,8 +49,9 @@ __all__ = ['RoutedStage', 'blend', 'tokens_to_map', 'map_to_tokens', 'DENSE_ABOV
 #: Off the CPU, :meth:`RoutedStage.forward_sparse` computes densely (the
 #: masked forward, same values) when more than this fraction of a node's
 #: tokens is kept and autograd is off. Set from H200 runs of the earlier
-#: per-image packed path (``benchmarks/check_cuda.py``; ``docs/benchmarks.md``),
-#: where packing won at half kept or less and the dense route at three quarters.
+#: per-image packed path (``benchmarks/check_cuda.py``; ``docs/benchmarks.md``,
+#: "The eager packed path on an H200"), where packing won at half kept or
+#: less and the dense route at three quarters.
 DENSE_ABOVE_ACCELERATOR = 0.6
 
 

@@ -146,7 +146,8 @@ def _attention(attn: nn.Module, q_in: torch.Tensor, xn: torch.Tensor,
 #: multiplied and accumulated (the per-token cost, in 27 small ops). The
 #: analytic cost (``DiT.static_shape_cost``) follows the choice. In
 #: onnxruntime on the CPU the taps win at capacities up to about a quarter of
-#: the tokens, the map above (``docs/benchmarks.md``).
+#: the tokens, the map above (``docs/benchmarks.md``, "Deployed inference on
+#: the CPU: ONNX in onnxruntime").
 DWCONV = 'taps'
 
 

@@ -13,7 +13,8 @@ def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
 
     timm's ``x.transpose(1, 2).view(B, C, H, W)`` has the same strides, but
     at batch 1 oneDNN does not recognise it as channels-last, and its
-    depthwise conv ran 15x slower (at 56x56x512).
+    depthwise conv ran 15x slower (at 56x56x512; ``docs/design.md``,
+    "Memory layout").
     """
     B, N, C = x.shape
     return x.contiguous().view(B, hw[0], hw[1], C).permute(0, 3, 1, 2)

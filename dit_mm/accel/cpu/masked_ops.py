@@ -7,9 +7,9 @@ the node input ``x0`` at the held tokens. Written as PyTorch ops, that is a
 ``LayerNorm`` and a ``lerp``: forward and backward, five passes over the
 map, and a gradient for ``x0`` that autograd adds into the other gradients
 of the node input (one more pass). In a training step of DiT-b2 at 512²
-batch 2 these passes cost 150-190 ms of a 4 s step: removing the blend
-(wrong values, for the measurement) took the masked step from 4.04-4.14 to
-3.85 s.
+batch 2 these passes cost 4-5 % of the step, more than the ops timed
+alone, because the maps they read are cold by then (``docs/design.md``,
+"Training").
 
 :func:`held_norm` is one C++ pass each way (the kernels are in
 ``csrc/sparse_kernels.cpp``, the same build as :mod:`.sparse_ops`):
@@ -92,9 +92,10 @@ def masked_linear(fc: nn.Linear, x: torch.Tensor, hard: torch.Tensor) -> torch.T
     one more input channel, ``[x * hard, hard] @ [W, b]^T``, exactly zero
     where ``hard == 0``. For the MLP's fc1 (8x wider output at strides 4 and
     8) this saves a pass over the hidden map forward and backward (about a
-    quarter of fc1's time). Where the weight is as large as the activations
-    (fewer rows than 4x the input channels: the stride-32 node), joining it
-    to its bias at every call costs more, and the output is masked instead."""
+    quarter of fc1's time; ``docs/design.md``, "Training"). Where the weight
+    is as large as the activations (fewer rows than 4x the input channels:
+    the stride-32 node), joining it to its bias at every call costs more,
+    and the output is masked instead."""
     if fc.bias is None:
         return onednn.linear(x * hard, fc.weight)
     if x.numel() < 4 * x.shape[-1] ** 2:

@@ -17,10 +17,9 @@ that per-call weight pass costs as much as the product itself. This module:
   (as do the folded weights of :mod:`dit_mm.models.blocks` and the
   transposed taps of :mod:`dit_mm.accel.cpu.sparse_ops`).
 
-Measured on this machine (AMD EPYC, 2 threads, µs per call; plain MKL /
-oneDNN with plain weights / oneDNN with reordered weights): 49x320 @ 320x1280
-270 / 208 / 102; 13x512 @ 512x2048 257 / 300 / 73; 196x320 @ 320x1280
-829 / 415 / 333; SR conv 320->320, 2x2 stride 2, on 14x14: 251 / - / 110.
+With each weight reordered once, such products ran 1.2-3.5x faster than
+through either plain path (AMD EPYC; per-call timings in ``docs/design.md``,
+"GEMMs and convolutions through oneDNN").
 Reordered weights are opaque oneDNN tensors: they are cached outside the
 module (a deep copy or pickle of the model never sees them), keyed on the
 parameter's storage and version, so ``load_state_dict``, optimiser steps and
@@ -95,9 +94,8 @@ def packed_applies(x: torch.Tensor) -> bool:
 #: :func:`linear` calls ``F.linear`` instead of the reordered oneDNN GEMM
 #: when ``rows * weight.numel() <= PLAIN_MACS`` and the weight has at most
 #: ``PLAIN_WEIGHT`` elements or there are at most 2 rows: a oneDNN call costs
-#: ~16 us whatever its size, and MKL's small GEMMs beat it there (µs, oneDNN /
-#: F.linear: 64x64 at 128 rows 19 / 10; 64x512 at 16 rows 18 / 11; 320x1280 at
-#: 1 row 27 / 24, at 4 rows 30 / 69; 512x2048 at 1 row 45 / 57).
+#: ~16 us whatever its size, and MKL's small GEMMs beat it there (per-shape
+#: timings in ``docs/design.md``, "GEMMs and convolutions through oneDNN").
 PLAIN_MACS = 2 ** 19
 PLAIN_WEIGHT = 2 ** 15
 
@@ -128,25 +126,18 @@ def _pack_linear(weight: torch.Tensor) -> torch.Tensor:
 
 
 #: :func:`bucket_rows` pads packed row counts from this many rows up (at
-#: least 2 rows a bucket). It was 2048: on an AMD EPYC, where every packed
-#: GEMM runs on oneDNN, the stride-16 and stride-32 nodes of DiT-b2 at 512²
-#: batch 2 (about 1720 and 430 kept rows at 84 %) then built new oneDNN
-#: primitives at every step (18-24 cache misses a step, 5-7 ms of creation
-#: alone) and ran 4.4 % / 6.4 % slower than at a repeating count (node
-#: alone, forward and backward, kept tokens drawn anew each call: 320.4
-#: against 306.9 ms, 104.1 against 97.8). From 64 rows up, steps 3-7 had
-#: 0-9 misses (a count met for the first time) where they had 9-24; whole
-#: sparse step at mu = 0.86, paired, per route over static: 1.112 -> 1.088
-#: and 1.166 -> 1.076 (two runs, 15 rounds).
+#: least 2 rows a bucket): low enough that the stride-16 and stride-32
+#: nodes of DiT-b2 at 512² (a few hundred to two thousand kept rows) repeat
+#: their counts too. Unpadded, they built new oneDNN primitives at every
+#: step and ran 4-6 % slower (AMD EPYC; ``docs/design.md``, "Skipped tokens
+#: cost nothing at inference", the bullet on padded row counts).
 BUCKET_FROM = 64
 
 #: Where MKL runs natively, oneDNN beats it on bucketed packed rows only up
-#: to this many channels on the narrow side of the GEMM (Intel Xeon, 2
-#: threads, 84 % of 512² batch 2 kept, forward and backward, MKL / oneDNN:
-#: 64 -> 512 at 27648 rows 31.4 / 23.9 ms, 512 -> 64 24.5 / 19.6 ms; 128 ->
-#: 1024 at 6656 rows 19.8 / 17.7 ms, 1024 -> 128 16.1 / 16.2 ms; 320 -> 1280
-#: at 1720 rows 12.7 / 12.5 ms, 1280 -> 320 11.6 / 13.2 ms; 512 -> 2048 at
-#: 430 rows 8.0 / 9.0 ms). A whole stride-8 node was no faster with them.
+#: to this many channels on the narrow side of the GEMM: by about a quarter
+#: at stride 4, while from stride 8 up the two are close and a whole
+#: stride-8 node was no faster on oneDNN (Intel Xeon; timings in
+#: ``docs/design.md``, "GEMMs and convolutions through oneDNN").
 ONEDNN_PACKED_UP_TO = 64
 
 
@@ -154,8 +145,9 @@ ONEDNN_PACKED_UP_TO = 64
 #: input channel (and a column of ones to the input) when the input has at
 #: most this many channels and the output at least 4x as many: oneDNN's
 #: bias gradient, a reduction over the wide output, cost more than the
-#: concatenations (Intel Xeon, 2 threads, forward and backward: 32768 x 64
-#: -> 512 38.3 against 29.8 ms, 8192 x 128 -> 1024 26.2 against 23.3 ms).
+#: concatenations: the joined GEMM saves about a fifth of fc1's forward and
+#: backward at stride 4 (Intel Xeon; ``docs/design.md``, "GEMMs and
+#: convolutions through oneDNN").
 BIAS_AS_INPUT_UP_TO = 128
 
 
@@ -173,10 +165,10 @@ def bucket_rows(rows: int, x: torch.Tensor) -> int:
     :data:`ONEDNN_PACKED_UP_TO` channels); else ``rows``.
 
     oneDNN builds a primitive per shape, so a count that changes at every
-    step built new ones at every step, or ran on MKL (``rows_vary``),
-    which is slower at these shapes. Bucketed counts repeat between steps.
-    The stride-4 node of DiT-b2 alone at 84 % kept (512² batch 2, forward
-    and backward) went from 399.5 to 388.1 ms."""
+    step would build new ones at every step, or run on MKL (``rows_vary``),
+    which is slower at these shapes. Bucketed counts repeat between steps
+    (measured in ``docs/design.md``, "Skipped tokens cost nothing at
+    inference", the bullet on padded row counts)."""
     if rows < BUCKET_FROM or not torch.is_grad_enabled() or not onednn_applies(x) \
             or (mkl_is_native() and x.shape[-1] > ONEDNN_PACKED_UP_TO):
         return rows
@@ -206,13 +198,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         rows_vary: The row count changes from call to call (the packed
             kept tokens of sparse training). oneDNN builds a convolution
             primitive per shape, and a new row count at every step cost
-            6-30 ms per call (Intel Xeon, 2 threads; forward and backward,
-            ~26000 x 64 -> 512: 66 instead of 34 ms). Where MKL runs its
+            6-30 ms per call (Intel Xeon; ``docs/design.md``, "GEMMs and
+            convolutions through oneDNN"). Where MKL runs its
             native kernels (:func:`mkl_is_native`) these calls go to
             ``F.linear`` under autograd: no per-shape kernels, though slower
             than oneDNN at a fixed shape (see :func:`bucket_rows`). Elsewhere
-            MKL's AVX2 path is the slower of the two (AMD EPYC: 0.98 against
-            0.44 ms at 3136 x 64 -> 512) and they stay on oneDNN. Row counts
+            MKL's AVX2 path is the slower of the two (2.2x on an AMD EPYC)
+            and they stay on oneDNN. Row counts
             padded by :func:`bucket_rows` repeat between steps and stay on
             oneDNN everywhere. No effect at inference.
     """
@@ -271,8 +263,9 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
     place of the module's (e.g. folded ones), with the weight reordered once
     at float32 CPU inference; ``gelu=True`` applies the exact GELU to the
     result, fused into the convolution there (one pass and one buffer fewer:
-    PVTv2's 3x3 depthwise conv + GELU on a 128x128x512 map took 12 instead of
-    22 ms).
+    about half the time of the conv and a separate GELU on a stride-4 hidden
+    map at 512²; ``docs/design.md``, "GEMMs and convolutions through
+    oneDNN").
 
     Args:
         conv: The convolution (its stride, padding, dilation and groups).

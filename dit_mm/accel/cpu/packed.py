@@ -16,8 +16,9 @@ three routes:
   row buckets (:func:`_row_layout`), keys and values from the touched SR
   patches only (:func:`_touched_patches`), interleaved key/value maps
   (:func:`_interleave_rows`) and ``norm1`` folded into the weights that read
-  it (:mod:`dit_mm.accel.folding`). The measurements behind each are in
-  ``docs/benchmarks.md`` (training cost).
+  it (:mod:`dit_mm.accel.folding`). Why each pays, with its measurements:
+  ``docs/design.md``, "Skipped tokens cost nothing at inference"; the
+  step costs: ``docs/benchmarks.md``, "Training time (CPU)".
 
 Executor functions are called through their modules (``onednn.linear``, not
 a bound name), so the tests can watch them.
@@ -41,8 +42,9 @@ from . import masked_ops, native_stage, onednn, sparse_ops
 #: Without the C++ stage program, :func:`run_node` computes densely (with
 #: skipped tokens held, same values) when more than this fraction of a
 #: node's tokens is kept and autograd is off: packing stopped paying off
-#: there (``benchmarks/bench_backbone.py``). A stage's ``dense_above``
-#: attribute, where set, overrides it.
+#: there (whole DiT-b2 at 0.85 and 0.92 kept, ``benchmarks/bench_backbone.py``;
+#: ``docs/design.md``, "Skipped tokens cost nothing at inference"). A
+#: stage's ``dense_above`` attribute, where set, overrides it.
 DENSE_ABOVE = 0.9
 
 
@@ -179,11 +181,8 @@ def _packed_rows(stage: nn.Module, x: torch.Tensor, hw: Tuple[int, int], keep: t
     # each block's map is its kept rows through norm1 interleaved with
     # the skipped rows' normalised input times norm1's affine
     # (_interleave_rows): one pass, no chain of whole-map copies, and no
-    # fold, whose backward cost more than the affine of the held rows
-    # (forward and backward, per block: the stride-16 SR conv's fold 1.03
-    # ms, the held rows' affine at 84 % kept 0.07 ms; whole sparse step
-    # at mu = 0.86, 512² batch 2, per route over static, paired: 1.073 ->
-    # 1.058 and 1.084 -> 1.063).
+    # fold, which under autograd costs over ten times the affine of the held
+    # rows (docs/design.md, "Skipped tokens cost nothing at inference").
     eps = stage.blocks[0].norm1.eps
     touched, touched_rows, skipped = None, None, None
     if all(folding.foldable(blk, eps) for blk in stage.blocks):
@@ -265,7 +264,10 @@ class TouchedPatches(NamedTuple):
 
 #: Sparse training computes a node's keys and values from the stage input's
 #: normalised map plus its touched SR patches (:func:`_replace_touched`)
-#: when at most this fraction of the patches holds kept tokens.
+#: when at most this fraction of the patches holds kept tokens: a node that
+#: keeps few tokens then skips the whole-map copy per block that rewriting
+#: the map costs under autograd (``docs/design.md``, "Skipped tokens cost
+#: nothing at inference").
 PATCH_KV_UP_TO = 0.25
 
 
@@ -314,8 +316,9 @@ def _replace_touched(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     output reads a kept token, and the map itself is never rewritten: under
     autograd every block's rewritten map is a copy of the whole map, forward
     and backward, whatever few tokens the node keeps. With the blend at the
-    kept rows, a whole sparse-training step of DiT-b2 at mu = 0.86 (512²
-    batch 2) went from 1.064 to 0.988 x a static step."""
+    kept rows, this saves about 7 % of a sparse-training step of DiT-b2 at
+    mu = 0.86, 512² (``docs/design.md``, "Skipped tokens cost nothing at
+    inference")."""
     c_out = y.shape[-1]
     kept = t_hat if patches.inside is None else t_hat.index_select(0, patches.inside)
     vec = rows.index_copy(0, patches.slots, kept).view(patches.ids.numel(), weight[0].numel())
@@ -349,8 +352,8 @@ def _interleave_rows(a: torch.Tensor, idx: torch.Tensor, b: torch.Tensor,
     """The ``(len(idx) + len(jdx), C)`` map with rows ``a`` at ``idx`` and
     ``b`` at ``jdx`` (complementary, distinct rows), differentiable in both.
     Sparse training builds each block's key/value input map this way from
-    the kept rows and the skipped rows of the stage input. It replaced a
-    copy of the whole map per block, whose backward passed a whole-map
+    the kept rows and the skipped rows of the stage input, in one write:
+    a copy of the whole map per block instead would pass a whole-map
     gradient back through every earlier block's copy."""
     return _InterleaveRows.apply(a, idx, b, jdx)
 
@@ -394,7 +397,7 @@ def _normalise(x: torch.Tensor, unit: Tuple[torch.Tensor, torch.Tensor],
                eps: float) -> torch.Tensor:
     """LayerNorm over the last dim without an affine part, through the
     affine kernel with ``unit = (ones, zeros)``: PyTorch's CPU kernel
-    without weights took twice as long (1.02 vs 0.51 ms at 32768 x 64)."""
+    without weights takes about twice as long (``docs/design.md``)."""
     return F.layer_norm(x, x.shape[-1:], unit[0], unit[1], eps)
 
 
@@ -426,7 +429,9 @@ class RowLayout(NamedTuple):
 
 #: :func:`_row_layout` gives two images the same row count when that adds
 #: at most this fraction of the kept rows (beyond what
-#: :func:`dit_mm.accel.bucket_rows` pads anyway).
+#: :func:`.onednn.bucket_rows` pads anyway): the attention then reads the
+#: queries in place, without a zero-padded copy (``docs/design.md``,
+#: "Skipped tokens cost nothing at inference", the attention bullet).
 SAME_COUNT_UP_TO = 0.02
 
 
@@ -434,14 +439,14 @@ def _row_layout(counts: List[int], mlp_kernel: bool, x: torch.Tensor) -> RowLayo
     """The packed rows' layout for images keeping ``counts`` tokens.
 
     Under autograd with the MLP kernel the rows are padded to a count that
-    repeats between steps (:func:`dit_mm.accel.bucket_rows`). For two
+    repeats between steps (:func:`.onednn.bucket_rows`). For two
     images whose counts differ by at most :data:`SAME_COUNT_UP_TO` of the
     kept rows, the padding goes before the first image and after the
     second, so that each image holds half of the rows and the attention
     reads its queries in place: the zero-padded copy of the queries and
-    the gather of its output (:func:`_padded_rows`) cost 1.9 ms a block
-    forward and backward at stride 4 (two images of 128² x 64 at 84 %
-    kept: 38.0 against 36.1 ms for the attention alone). Otherwise all
+    the gather of its output (:func:`_padded_rows`) cost about 5 % of the
+    attention's forward and backward at stride 4 (``docs/design.md``,
+    "Skipped tokens cost nothing at inference"). Otherwise all
     padding goes after the last image. The kept rows stay contiguous
     either way, in the order of ``idx``."""
     K = sum(counts)
@@ -458,7 +463,10 @@ def _row_layout(counts: List[int], mlp_kernel: bool, x: torch.Tensor) -> RowLayo
 
 #: :func:`_attention_packed` pads the images' queries to one batch when
 #: that computes at most this many times the kept rows (else one call per
-#: image).
+#: image): one call lets PyTorch's CPU flash attention split its backward
+#: over the batch, where a one-head node's per-image backward runs on one
+#: thread (``docs/design.md``, "Skipped tokens cost nothing at inference",
+#: the attention bullet).
 PAD_QUERIES_UP_TO = 1.25
 
 
@@ -487,8 +495,8 @@ def _attention_packed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
     one attention call, zero-padded to the longest image (the padding rows'
     outputs are dropped, so they get no gradient): PyTorch's CPU flash
     attention splits its backward over batch and heads, so one image of a
-    one-head stride-4 node ran it on one thread (two images' forward and
-    backward at 13000 queries: 33.4 ms in two calls, 25.9 ms in one).
+    one-head stride-4 node ran it on one thread (two calls took 1.3x as
+    long as one; ``docs/design.md``).
     With ``stride`` every image holds that many rows of ``q`` (padding
     included, :class:`RowLayout`), and the call reads them in place.
     """

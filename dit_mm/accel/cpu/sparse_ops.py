@@ -3,7 +3,8 @@
 PVTv2's MLP runs a 3x3 depthwise conv on its hidden map (8x the channels at
 strides 4 and 8). Run densely, it costs the same whether 100 % or 25 % of the
 tokens are kept, and it is memory-bound: at 512x512, batch 4, it was a quarter
-of the packed backbone's time. This module evaluates it on the packed hidden
+of the packed backbone's time (``docs/design.md``, "Skipped tokens cost
+nothing at inference"). This module evaluates it on the packed hidden
 rows of the kept tokens only, through a neighbour table (the GELU that
 follows then also runs on kept rows only):
 
@@ -24,7 +25,8 @@ follows then also runs on kept rows only):
   packed blocks fall back to the dense conv on a zero-filled hidden map,
   and the dense paths to the conv and PyTorch's GELU;
 * :func:`write_rows` writes packed rows back into a token map, with the same
-  kernel build (4-6x faster than ``index_copy_`` here), else ``index_copy_``.
+  kernel build (4-6x faster than ``index_copy_``, ``docs/design.md``),
+  else ``index_copy_``.
 
 The C++ sources are ``dit_mm/accel/cpu/csrc/sparse_kernels.cpp`` and, in the same
 build, ``packed_stage.cpp`` (:mod:`dit_mm.accel.cpu.native_stage`). The build is named
@@ -58,7 +60,8 @@ _CFLAGS = ['-O3', '-march=native', '-fopenmp']
 #: on the whole map in the dense training paths, on the kept rows in sparse
 #: training. ``DIT_MM_NO_FUSED_TRAINING=1`` (read at import), or setting this
 #: to ``False``, runs the conv (oneDNN, or :class:`_SparseDWConv`) and then
-#: PyTorch's GELU, as before the fused kernel.
+#: PyTorch's GELU instead: the A/B of ``docs/benchmarks.md``, "The fused
+#: depthwise-conv + GELU training kernel".
 FUSED_TRAINING = os.environ.get('DIT_MM_NO_FUSED_TRAINING') != '1'
 
 _lock = threading.Lock()
@@ -160,10 +163,12 @@ def dwconv_gelu_map(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     token kept); the result is a channels-last ``(B, C, H, W)``.
 
     The dense training path (full grid, masked routing, the static path)
-    runs its MLPs' conv + GELU here: forward and backward at 2x128x128x512
-    took 189 instead of 201 ms against oneDNN's conv and PyTorch's GELU, at
-    1x200x336x512 389 instead of 452 ms, and it keeps one hidden map less for
-    the backward (check :func:`training_dwconv_applies` first)."""
+    runs its MLPs' conv + GELU here: forward and backward it is 6-14 %
+    faster than oneDNN's conv and PyTorch's GELU on the stride-4 hidden
+    maps, and it keeps one hidden map less for the backward
+    (``docs/design.md``, "Skipped tokens cost nothing at inference"; whole
+    steps: ``docs/benchmarks.md``, "The fused depthwise-conv + GELU training
+    kernel"). Check :func:`training_dwconv_applies` first."""
     B, C, H, W = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
     y = _SparseDWConvGELU.apply(rows, _grid_table(B, H, W), conv.weight, conv.bias)
