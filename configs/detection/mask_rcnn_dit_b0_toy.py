@@ -108,8 +108,11 @@ optim_wrapper = dict(
         'col_gates': dict(decay_mult=0.0, lr_mult=5.0),
         'norm': dict(decay_mult=0.0)}))
 custom_hooks = [
+    # calibrate_at_end=False: the main job keeps the checkpoint as trained and
+    # calibrates it in a step of its own (tools/calibrate_budget.py, 144 images),
+    # so that its summary shows the spend before and after
     dict(type='BudgetLossHook', mu=mu, loss_weight=2.0, warmup_iters=50,
-         tau_start=1.0, tau_end=0.2, tau_anneal_iters=max_iters),
+         tau_start=1.0, tau_end=0.2, tau_anneal_iters=max_iters, calibrate_at_end=False),
     # reseeds torch's RNG every iteration: a resumed run continues exactly
     dict(type='IterSeedHook', seed=0),
 ]

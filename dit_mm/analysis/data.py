@@ -4,7 +4,6 @@ random inputs of a fixed size, and preprocessed inputs back to pictures.
 """
 from __future__ import annotations
 
-import copy
 import os.path as osp
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -13,36 +12,16 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
+from ..engine.data import image_loader, iter_images, loader_cfg, test_pipeline
 from ..engine.hooks import find_dit
 from .loading import _quiet, _registries, _scope
 
 Batch = dict[str, Any]  # preprocessed: {'inputs': (B, C, H, W) tensor, 'data_samples': [...]}
 
 
-
-def _dataloader_cfg(cfg: Config, split: str) -> dict:
-    """The data loader config of ``split``. ``'train'`` is the training set
-    read through the *test* pipeline (no augmentation), as inference sees it."""
-    key = {'val': 'val_dataloader', 'test': 'test_dataloader',
-           'train': 'train_dataloader'}.get(split)
-    if key is None:
-        raise ValueError(f"split={split!r} must be 'train', 'val' or 'test'")
-    if cfg.get(key) is None:
-        raise ValueError(f'the config has no {key}')
-    if split != 'train':
-        return cfg[key]
-    loader = copy.deepcopy(cfg[key])
-    inner = loader['dataset']
-    while 'pipeline' not in inner and 'dataset' in inner:  # RepeatDataset & co.
-        inner = inner['dataset']
-    inner['pipeline'] = _test_pipeline(cfg, 'val' if cfg.get('val_dataloader') else 'test')
-    loader['dataset'] = inner  # without the wrappers: each image once
-    return loader
-
-
 def _build_dataset(cfg: Config, split: str) -> Any:
     _, datasets = _registries(cfg)
-    ds_cfg = _dataloader_cfg(cfg, split)['dataset']
+    ds_cfg = loader_cfg(cfg, split)['dataset']
     with _quiet():
         return datasets.build(ds_cfg)
 
@@ -62,19 +41,10 @@ def iter_dataset_images(cfg: Config, model: nn.Module | None = None, split: str 
             through the test pipeline).
         num_images: Number of images (``None``: all).
     """
-    from mmengine.runner import Runner
     _registries(cfg)
-    loader_cfg = dict(_dataloader_cfg(cfg, split))
-    loader_cfg.update(batch_size=1, num_workers=0, persistent_workers=False,
-                      sampler={'type': 'DefaultSampler', 'shuffle': False})
     with _quiet():
-        loader = Runner.build_dataloader(loader_cfg)
-    if num_images is not None and num_images <= 0:
-        return
-    for k, data in enumerate(loader):
-        yield model.data_preprocessor(data, False) if model is not None else data
-        if num_images is not None and k + 1 >= num_images:
-            break
+        loader = image_loader(cfg, split)
+    yield from iter_images(loader, model, num_images)
 
 
 def dataset_size(cfg: Config, split: str = 'val') -> int:
@@ -108,16 +78,6 @@ def random_batch(cfg: Config, model: nn.Module, shape: Sequence[int], seed: int 
     return {'inputs': inputs, 'data_samples': [_data_sample(cfg, meta)]}
 
 
-def _test_pipeline(cfg: Config, split: str = 'val') -> list[dict]:
-    ds_cfg = _dataloader_cfg(cfg, split)['dataset']
-    while 'pipeline' not in ds_cfg and 'dataset' in ds_cfg:  # dataset wrappers
-        ds_cfg = ds_cfg['dataset']
-    pipeline = ds_cfg.get('pipeline') or cfg.get('test_pipeline')
-    if not pipeline:
-        raise ValueError(f'no test pipeline found in the {split} data loader of the config')
-    return [dict(t) for t in pipeline]
-
-
 def load_image(cfg: Config, model: nn.Module, img: str, split: str = 'val') -> Batch:
     """Runs one image file through the config's test pipeline (annotation
     loading removed) and the model's data preprocessor."""
@@ -126,7 +86,7 @@ def load_image(cfg: Config, model: nn.Module, img: str, split: str = 'val') -> B
     from mmcv.transforms import Compose
     from mmengine.dataset import pseudo_collate
     _registries(cfg)
-    steps = [t for t in _test_pipeline(cfg, split) if 'LoadAnnotations' not in str(t['type'])]
+    steps = [t for t in test_pipeline(cfg, split) if 'LoadAnnotations' not in str(t['type'])]
     data = Compose(steps)({'img_path': img, 'img_id': 0})
     return model.data_preprocessor(pseudo_collate([data]), False)
 

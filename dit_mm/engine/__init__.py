@@ -2,13 +2,19 @@
 distributed training, resuming mmengine checkpoints.
 
 * :mod:`.hooks`: ``BudgetLossHook`` and ``IterSeedHook`` (``HOOKS``);
+* :mod:`.calibration`: the gate offset at which a model spends a budget
+  (the hook runs it at the end of training; ``tools/calibrate_budget.py``);
+* :mod:`.data`: a config's images as inference sees them (training images
+  through the test pipeline);
+* :mod:`.backbone`: ``find_dit``, the DiT inside a wrapped model;
 * :mod:`.tta`: ``DetMaskTTAModel`` (``MODELS``), test-time augmentation
   for detectors with instance masks;
 * :mod:`.runtime`: ``CPUAmpOptimWrapper`` (``OPTIM_WRAPPERS``), the CPU DDP
   wrapper (``MODEL_WRAPPERS``), ``enable_amp``, ``setup_distributed``,
   ``allow_mmengine_checkpoints``, ``keep_freed_memory``.
 """
-from .hooks import BudgetLossHook, IterSeedHook, find_dit, install_budget_loss
+from .backbone import find_dit
+from .hooks import BudgetLossHook, IterSeedHook, install_budget_loss
 from .runtime import (
     CPUAmpOptimWrapper,
     MMCPUDistributedDataParallel,
