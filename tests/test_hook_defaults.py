@@ -59,6 +59,9 @@ def _det_or_seg(task: str, tmp_path: Path) -> Config:
         cfg = seg_toy_cfg(root, tmp_path / 'work', iters=2)
         resize = next(t for t in cfg.test_dataloader.dataset.pipeline if t.type == 'Resize')
         resize.scale = (SIZE[1], SIZE[0])
+    # mmengine keeps one visualizer per name for the whole process: a name of its
+    # own, so that later tests asking for 'visualizer' get their task's class
+    cfg.visualizer.name = f'hook_defaults_{task}'
     return cfg
 
 
@@ -70,6 +73,7 @@ def _cls(tmp_path: Path) -> Config:
         cfg[loader].dataset.data_root = data
     shrink(cfg, tmp_path / 'work', 2)
     cfg.train_dataloader.batch_size = 4
+    cfg.visualizer.name = 'hook_defaults_classification'  # see _det_or_seg
     return cfg
 
 
@@ -126,3 +130,4 @@ def test_without_calibration_a_missed_budget_gets_one_warning_line(tmp_path):
     assert len(lines) == 1, lines
     assert f'{spend:.3f} x C_base' in lines[0] and 'mu=0.3' in lines[0]
     assert 'tools/calibrate_budget.py' in lines[0] and '--mu 0.3' in lines[0]
+    assert str(tmp_path / 'work' / 'iter_2.pth') in lines[0]

@@ -159,6 +159,14 @@ class BudgetLossHook(Hook):
         self._backbone = backbone
         if self.tau_anneal_iters is None:
             self.anneal_iters = int(runner.max_iters)
+        dial = backbone.dial
+        if float(dial.offset) != 0.0 or dial.has_curve:
+            # a calibration fits the weights it was measured on; training moves them
+            # (and a run resumed from its own last checkpoint must see what it saw)
+            runner.logger.info(f'BudgetLossHook: training starts from the gates as trained: the '
+                               f'calibration in the loaded weights (offset '
+                               f'{float(dial.offset):+.3f}) is dropped')
+            dial.clear()
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
         it = runner.iter
@@ -224,10 +232,14 @@ class BudgetLossHook(Hook):
         return inputs
 
     def _fix(self, runner) -> str:
+        """The command that calibrates the last checkpoint (saved after this hook)."""
+        from mmengine.runner import EpochBasedTrainLoop
         cfg = getattr(runner.cfg, 'filename', None) or 'CONFIG'
+        last = (f'epoch_{runner.max_epochs}' if isinstance(runner.train_loop, EpochBasedTrainLoop)
+                else f'iter_{runner.max_iters}')
         return ('To calibrate the checkpoint: python tools/calibrate_budget.py '
-                f'{cfg} {runner.work_dir}/CHECKPOINT.pth --mu {self.mu:g} --split train '
-                '--out calibrated.pth')
+                f'{cfg} {runner.work_dir}/{last}.pth --mu {self.mu:g} --split train '
+                f'--out {runner.work_dir}/calibrated.pth')
 
     def budget_terms(self, backbone: DiT) -> Dict[str, torch.Tensor]:
         """Loss and log entries of the backbone's last forward."""

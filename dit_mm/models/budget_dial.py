@@ -69,6 +69,14 @@ class BudgetDial(nn.Module):
             and self.keep.shape[0] > 0
 
     @torch.no_grad()
+    def clear(self) -> None:
+        """Offset 0 and no curve: the gates as trained."""
+        self.offset.zero_()
+        self.curve = self.curve.new_zeros(2, 0)
+        self.keep = self.keep.new_zeros(0, 0)
+        self.version += 1
+
+    @torch.no_grad()
     def set_curve(self, offsets: Sequence[float], spends: Sequence[float],
                   keep: Optional[Sequence[Sequence[float]]] = None) -> None:
         """Stores the measured ``(offset, spend)`` points, sorted by offset,
