@@ -22,6 +22,28 @@ SIZE = (64, 80)  # toy detection / segmentation images, kept at this size
 N_TRAIN = {'classification': 16, 'detection': 48, 'segmentation': 48}
 
 
+def _visualizer_classes():
+    from mmengine.visualization import Visualizer
+    out, todo = [], [Visualizer]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo += cls.__subclasses__()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _forget_new_visualizers():
+    """mmengine keeps every visualizer in process-wide registries, and a
+    later runner's hooks take the latest one (``get_current_instance``):
+    the ones these runners create are removed again afterwards."""
+    before = {cls: set(cls._instance_dict) for cls in _visualizer_classes()}
+    yield
+    for cls in _visualizer_classes():
+        for name in set(cls._instance_dict) - before.get(cls, set()):
+            del cls._instance_dict[name]
+
+
 def test_only_mu_anneals_the_temperature_over_the_run():
     hook = BudgetLossHook(mu=0.9)
     assert hook.tau_anneal_iters is None and hook.calibrate_at_end
@@ -59,9 +81,7 @@ def _det_or_seg(task: str, tmp_path: Path) -> Config:
         cfg = seg_toy_cfg(root, tmp_path / 'work', iters=2)
         resize = next(t for t in cfg.test_dataloader.dataset.pipeline if t.type == 'Resize')
         resize.scale = (SIZE[1], SIZE[0])
-    # mmengine keeps one visualizer per name for the whole process: a name of its
-    # own, so that later tests asking for 'visualizer' get their task's class
-    cfg.visualizer.name = f'hook_defaults_{task}'
+    cfg.visualizer.name = f'hook_defaults_{task}'  # see _forget_new_visualizers
     return cfg
 
 
@@ -73,7 +93,7 @@ def _cls(tmp_path: Path) -> Config:
         cfg[loader].dataset.data_root = data
     shrink(cfg, tmp_path / 'work', 2)
     cfg.train_dataloader.batch_size = 4
-    cfg.visualizer.name = 'hook_defaults_classification'  # see _det_or_seg
+    cfg.visualizer.name = 'hook_defaults_classification'  # see _forget_new_visualizers
     return cfg
 
 
