@@ -184,6 +184,9 @@ def run_one(task: str, variant: str, seed: int, args: argparse.Namespace,
                            'custom_hooks.0.tau_anneal_iters': iters,
                            'default_hooks.checkpoint.interval': iters})
     train_opts['train_cfg.val_interval'] = 10 ** 9  # tested below, by tools/test.py
+    # the replica's protocol: each variant's spend as trained, next to its accuracy
+    # (BudgetLossHook would otherwise calibrate every gated run to mu at the end)
+    train_opts['custom_hooks.0.calibrate_at_end'] = False
     if args.quick:
         train_opts['default_hooks.logger.interval'] = 1
     start = time.perf_counter()

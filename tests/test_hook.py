@@ -78,11 +78,14 @@ def test_stock_mmdet_config_with_only_the_backbone_swapped(toy_root, tmp_path):
     # the toy data set instead of COCO, small images
     toy = det_toy_cfg(toy_root, tmp_path)
     cfg.train_dataloader = toy.train_dataloader
+    cfg.test_dataloader = toy.test_dataloader  # the end-of-training calibration reads its pipeline
     cfg.model.bbox_head.num_classes = 3
     shrink(cfg, tmp_path, iters=3)
     runner = Runner.from_cfg(cfg)
     runner.train()
     assert type(runner.model).__name__ == 'RetinaNet'
+    hook = next(h for h in runner.hooks if isinstance(h, BudgetLossHook))
+    assert abs(hook.end_report['spend'] - 1.0) <= 0.01  # calibrated to mu at the end
     assert torch.isfinite(torch.tensor(_scalar(runner, 'loss_budget')))
     assert torch.isfinite(torch.tensor(_scalar(runner, 'loss')))
 
