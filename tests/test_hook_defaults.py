@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from mm_utils import det_toy_cfg, load_tool, seg_toy_cfg, shrink
 from mmengine.config import Config
 from mmengine.logging import MMLogger
@@ -151,3 +152,27 @@ def test_without_calibration_a_missed_budget_gets_one_warning_line(tmp_path):
     assert f'{spend:.3f} x C_base' in lines[0] and 'mu=0.3' in lines[0]
     assert 'tools/calibrate_budget.py' in lines[0] and '--mu 0.3' in lines[0]
     assert str(tmp_path / 'work' / 'iter_2.pth') in lines[0]
+
+
+def test_a_budget_out_of_reach_warns_and_still_saves_the_checkpoint(tmp_path):
+    """Calibration that cannot succeed (no gate setting spends mu = 0.01)
+    ends the run with a warning and the command, and loses nothing: the
+    last checkpoint is written, uncalibrated."""
+    cfg = _det_or_seg('detection', tmp_path)
+    cfg.custom_hooks = [dict(type='BudgetLossHook', mu=0.01)]
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=10 ** 6, by_epoch=False)
+    runner = Runner.from_cfg(cfg)
+    warnings = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    MMLogger.get_current_instance().addHandler(handler)
+    try:
+        runner.train()
+    finally:
+        MMLogger.get_current_instance().removeHandler(handler)
+    lines = [w for w in warnings if 'BudgetLossHook' in w]
+    assert len(lines) == 1 and 'could not calibrate to mu=0.01' in lines[0], lines
+    assert 'outside what the gates can spend' in lines[0]
+    assert 'tools/calibrate_budget.py' in lines[0]
+    ckpt = torch.load(tmp_path / 'work' / 'iter_2.pth', map_location='cpu', weights_only=False)
+    assert float(ckpt['state_dict']['backbone.dial.offset']) == 0.0

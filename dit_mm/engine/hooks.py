@@ -212,9 +212,11 @@ class BudgetLossHook(Hook):
                                        offset=float(backbone.dial.offset), images=len(inputs))
                 logger.info(f'BudgetLossHook: spend at inference on {len(inputs)} training '
                             f'images: {measured:.3f} x C_base (mu={self.mu:g})')
-        except ValueError as err:  # mu out of reach on these images, or no images
-            logger.warning(f'BudgetLossHook: could not calibrate to mu={self.mu:g}: {err}. '
-                           f'{self._fix(runner)}')
+        except Exception as err:  # noqa: BLE001 -- never lose the last checkpoint to it
+            # e.g. mu out of the gates' reach on these images, or a config whose
+            # training set cannot be read through a test pipeline
+            logger.warning(f'BudgetLossHook: could not calibrate to mu={self.mu:g} '
+                           f'({type(err).__name__}: {err}). {self._fix(runner)}')
             return
         got = self.end_report['spend']
         if abs(got - self.mu) > SPEND_WARN_FRACTION * self.mu:
