@@ -68,6 +68,19 @@ def test_bad_end_of_training_settings(kwargs, match):
         BudgetLossHook(mu=1.0, **kwargs)
 
 
+def _train(runner: Runner, level: int = logging.INFO) -> list:
+    """Trains ``runner``; returns the messages mmengine logged at ``level`` or above."""
+    messages = []
+    handler = logging.Handler(level=level)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    MMLogger.get_current_instance().addHandler(handler)
+    try:
+        runner.train()
+    finally:
+        MMLogger.get_current_instance().removeHandler(handler)
+    return messages
+
+
 def _det_or_seg(task: str, tmp_path: Path) -> Config:
     """The shrunk toy config on a 16 + 8 image set; its test loader (the val
     images) keeps them at ``SIZE``."""
@@ -109,14 +122,7 @@ def test_a_hook_with_only_mu_leaves_a_checkpoint_that_spends_mu(task, tmp_path):
     cfg.custom_hooks = [dict(type='BudgetLossHook', mu=mu)]
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=10 ** 6, by_epoch=False)
     runner = Runner.from_cfg(cfg)  # saves iter_2.pth at the last iteration
-    logs = []
-    handler = logging.Handler()
-    handler.emit = lambda record: logs.append(record.getMessage())
-    MMLogger.get_current_instance().addHandler(handler)
-    try:
-        runner.train()
-    finally:
-        MMLogger.get_current_instance().removeHandler(handler)
+    logs = _train(runner)
     hook = next(h for h in runner.hooks if isinstance(h, BudgetLossHook))
     assert hook.anneal_iters == 2  # the run's length
     report = hook.end_report
@@ -136,14 +142,7 @@ def test_without_calibration_a_missed_budget_gets_one_warning_line(tmp_path):
     cfg = _det_or_seg('detection', tmp_path)
     cfg.custom_hooks = [dict(type='BudgetLossHook', mu=0.3, calibrate_at_end=False)]
     runner = Runner.from_cfg(cfg)
-    warnings = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    MMLogger.get_current_instance().addHandler(handler)
-    try:
-        runner.train()
-    finally:
-        MMLogger.get_current_instance().removeHandler(handler)
+    warnings = _train(runner, logging.WARNING)
     hook = next(h for h in runner.hooks if isinstance(h, BudgetLossHook))
     spend = hook.end_report['spend']
     assert abs(spend - 0.3) > 0.05 * 0.3  # two iterations do not reach mu = 0.3
@@ -162,14 +161,7 @@ def test_a_budget_out_of_reach_warns_and_still_saves_the_checkpoint(tmp_path):
     cfg.custom_hooks = [dict(type='BudgetLossHook', mu=0.01)]
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=10 ** 6, by_epoch=False)
     runner = Runner.from_cfg(cfg)
-    warnings = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    MMLogger.get_current_instance().addHandler(handler)
-    try:
-        runner.train()
-    finally:
-        MMLogger.get_current_instance().removeHandler(handler)
+    warnings = _train(runner, logging.WARNING)
     lines = [w for w in warnings if 'BudgetLossHook' in w]
     assert len(lines) == 1 and 'could not calibrate to mu=0.01' in lines[0], lines
     assert 'outside what the gates can spend' in lines[0]

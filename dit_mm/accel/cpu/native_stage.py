@@ -2,11 +2,11 @@
 
 The packed node forward in Python (:mod:`.packed`) runs about 150 ATen ops
 per block; on small maps each costs more in the interpreter and the Python
-bindings than in its kernel: DiT-b2's full grid at 32x32 input, where there
-is no real work, took 20 ms through Python (``docs/design.md``, "The stage
-as one C++ call"). ``dit_mm/accel/cpu/csrc/packed_stage.cpp`` runs the same
-ops in the same order from C++: same values (the tests compare it bit for
-bit with the Python path), without the per-op overhead.
+bindings than in its kernel, so small inputs cost far more than their FLOPs
+(``docs/design.md``, "The stage as one C++ call").
+``dit_mm/accel/cpu/csrc/packed_stage.cpp`` runs the same ops in the same
+order from C++: same values (the tests compare it bit for bit with the
+Python path), without the per-op overhead.
 
 Its weights come from a *plan* built once per weight version: norm1's affine
 folded into the query, SR conv and kv weights (as the Python path folds
@@ -60,8 +60,8 @@ _PLANS: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary
 #: Bumped whenever a module or parameter is assigned anywhere (torch's global
 #: registration hooks) and by :func:`forget`: until it moves, a plan is
 #: checked by its parameters' versions only (the full check walks the
-#: module tree: ~1 ms per DiT-b2 forward; ``docs/design.md``, "The stage as
-#: one C++ call").
+#: module tree, a measurable part of a small forward; ``docs/design.md``,
+#: "The stage as one C++ call").
 _GENERATION = [0]
 
 

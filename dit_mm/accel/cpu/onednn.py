@@ -197,8 +197,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         key: Cache key, unique per weight of ``owner``.
         rows_vary: The row count changes from call to call (the packed
             kept tokens of sparse training). oneDNN builds a convolution
-            primitive per shape, and a new row count at every step cost
-            6-30 ms per call (Intel Xeon; ``docs/design.md``, "GEMMs and
+            primitive per shape, so a new row count at every step pays
+            that build on every call (``docs/design.md``, "GEMMs and
             convolutions through oneDNN"). Where MKL runs its
             native kernels (:func:`mkl_is_native`) these calls go to
             ``F.linear`` under autograd: no per-shape kernels, though slower
